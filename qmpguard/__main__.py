@@ -1,0 +1,5 @@
+"""`python -m qmpguard`."""
+
+from qmpguard.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Pure analysis over snapshots: topology, vIOMMUs, bindings, order evidence, findings."""

@@ -1,0 +1,124 @@
+"""Findings: small rules over one analysed VM, each with a stable code and evidence."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from qmpguard.analysis.binding import Requester
+    from qmpguard.analysis.viommu import VIommu
+    from qmpguard.analysis.vm import DeviceAnalysis, VmAnalysis
+
+Severity = Literal["info", "warning", "critical", "unknown"]
+SEVERITY_RANK: dict[str, int] = {"info": 0, "warning": 1, "unknown": 2, "critical": 3}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem, on one device (or the whole target), with its evidence."""
+
+    code: str
+    severity: Severity
+    device: str | None
+    message: str
+    evidence: tuple[str, ...]
+
+
+Rule = Callable[["VmAnalysis"], Iterator[Finding]]
+
+
+def _evidence_lines(dev: DeviceAnalysis) -> tuple[str, ...]:
+    order = dev.order
+    return tuple(
+        f"{e.source}: {e.conclusion or 'inconclusive'}: {e.detail}" for e in order.evidence
+    )
+
+
+def qg001_misbound(vm: VmAnalysis) -> Iterator[Finding]:
+    """vfio device realized before the vIOMMU that translates its bus."""
+    for dev in vm.devices:
+        if dev.verdict != "misbound":
+            continue
+        v = dev.binding.viommu
+        assert v is not None
+        yield Finding(
+            "QG001", "critical", dev.device.path,
+            f"{dev.device.label} ({dev.device.type}) was realized before vIOMMU {v.label} "
+            f"({v.type}): its VFIO container is attached to plain guest memory, so the device "
+            f"can DMA to all guest RAM, bypassing the guest's IOMMU. Fix: put the "
+            f"-device {v.type} option before -device {dev.device.type} on the QEMU command "
+            f"line (libvirt does this itself), then restart the VM.",
+            _evidence_lines(dev),
+        )
+
+
+def qg002_unverified(vm: VmAnalysis) -> Iterator[Finding]:
+    """vfio device behind a vIOMMU whose order could not be established."""
+    for dev in vm.devices:
+        if dev.verdict != "unverified":
+            continue
+        v = dev.binding.viommu
+        assert v is not None
+        why = ("the evidence conflicts" if dev.order.conflicting
+               else "no source could establish it")
+        yield Finding(
+            "QG002", "warning", dev.device.path,
+            f"cannot tell whether {dev.device.label} was realized before or after vIOMMU "
+            f"{v.label}: {why}; if before, its DMA bypasses the guest's IOMMU",
+            _evidence_lines(dev) or ("no evidence source applies",),
+        )
+
+
+def qg003_bypass(vm: VmAnalysis) -> Iterator[Finding]:
+    """vfio device on a bus that bypasses the vIOMMU while a vIOMMU exists."""
+    if not vm.viommus:
+        return
+    for dev in vm.devices:
+        if dev.device.vfio and "bypasses" in dev.binding.reason:
+            yield Finding(
+                "QG003", "warning", dev.device.path,
+                f"{dev.device.label} sits on a bus that bypasses the vIOMMU: the guest cannot "
+                "isolate its DMA",
+                (dev.binding.reason,),
+            )
+
+
+def qg004_shared_space(vm: VmAnalysis) -> Iterator[Finding]:
+    """vfio device sharing one IOMMU address space with other devices (requester aliasing)."""
+    groups: dict[tuple[VIommu | None, Requester], list[DeviceAnalysis]] = {}
+    for dev in vm.devices:
+        if dev.binding.requester is not None:
+            groups.setdefault((dev.binding.viommu, dev.binding.requester), []).append(dev)
+    for members in groups.values():
+        for dev in members:
+            if not dev.device.vfio or len(members) < 2:
+                continue
+            others = [m.device.label for m in members if m is not dev]
+            req = dev.binding.requester
+            assert req is not None
+            yield Finding(
+                "QG004", "warning", dev.device.path,
+                f"{dev.device.label} shares one IOMMU address space with "
+                f"{', '.join(others)}: the guest cannot isolate them from each other",
+                (f"all are translated as requester {req.devfn_text} on {req.bus}",),
+            )
+
+
+def qg005_virtio_platform(vm: VmAnalysis) -> Iterator[Finding]:
+    """virtio device translated by a vIOMMU with iommu_platform off."""
+    for dev in vm.devices:
+        d = dev.device
+        if d.virtio and dev.binding.kind == "viommu" and d.iommu_platform is False:
+            yield Finding(
+                "QG005", "warning", d.path,
+                f"{d.label} ({d.type}) is behind a vIOMMU but has "
+                "iommu_platform=off: its DMA bypasses the vIOMMU",
+                (f"{d.path}/virtio-backend iommu_platform=false",),
+            )
+
+
+RULES: tuple[Rule, ...] = (
+    qg001_misbound, qg002_unverified, qg003_bypass, qg004_shared_space, qg005_virtio_platform,
+)

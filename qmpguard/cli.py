@@ -1,0 +1,143 @@
+"""Command line: argument parsing and exit codes only; the work happens elsewhere."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from typing import NoReturn
+
+from qmpguard import __version__
+from qmpguard.inspect import TargetResult, analyse_snapshot, inspect_many, snapshot_target
+from qmpguard.logs import configure_logging
+from qmpguard.qmp.transport import InspectionError, Timeouts
+from qmpguard.report.document import EXIT_UNKNOWN, exit_code, report_json
+from qmpguard.report.table import render_report
+from qmpguard.snapshot import SnapshotError, load_snapshot, write_json_atomically
+from qmpguard.targets import TargetError, parse_target
+
+EPILOG = """\
+exit codes (monitoring-plugin convention):
+  0  OK        nothing above info
+  1  WARNING   the worst finding is a warning
+  2  CRITICAL  a critical finding (e.g. QG001: vfio device bypasses the vIOMMU)
+  3  UNKNOWN   some target could not be inspected and nothing is critical;
+               also usage errors and unreadable input
+
+targets: /path/to/qmp.sock, unix:PATH, tcp:HOST:PORT
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors exit 3 (UNKNOWN), not argparse's 2 (which would read as CRITICAL)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        print(f"qmpguard: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_UNKNOWN)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-format", choices=["auto", "console", "json"], default="auto")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    p.add_argument("--greeting-timeout", type=float, default=2.0, metavar="S",
+                   help="seconds to wait for the QMP greeting (default 2)")
+    p.add_argument("--command-timeout", type=float, default=5.0, metavar="S",
+                   help="seconds to wait for each reply (default 5)")
+    p.add_argument("--timeout", type=float, default=20.0, metavar="S",
+                   help="seconds for one whole target (default 20)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="qmpguard", description=__doc__ and "qmpguard: find vfio devices "
+                     "whose DMA bypasses the guest's vIOMMU (read-only QMP inspection)",
+                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"qmpguard {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    check = sub.add_parser("check", help="inspect VMs and report", epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    check.add_argument("targets", nargs="*", metavar="TARGET")
+    check.add_argument("--snapshot", action="append", default=[], metavar="FILE",
+                       help="analyse a saved snapshot instead of a live VM (repeatable)")
+    check.add_argument("--format", choices=["table", "json"], default="table")
+    check.add_argument("--concurrency", type=int, default=16, metavar="N")
+    _common(check)
+
+    snap = sub.add_parser("snapshot", help="save the raw facts of one VM as JSON")
+    snap.add_argument("target", metavar="TARGET")
+    snap.add_argument("-o", "--output", required=True, metavar="FILE")
+    _common(snap)
+
+    demo = sub.add_parser("demo", help="start demo VMs with emulated vfio-pci and check them")
+    demo.add_argument("--format", choices=["table", "json"], default="table")
+    demo.add_argument("--keep", action="store_true", help="leave the VMs running until Ctrl-C")
+    demo.add_argument("--log-format", choices=["auto", "console", "json"], default="auto")
+    demo.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def _timeouts(args: argparse.Namespace) -> Timeouts:
+    return Timeouts(greeting=args.greeting_timeout, command=args.command_timeout)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    if not args.targets and not args.snapshot:
+        print("qmpguard: error: give at least one TARGET or --snapshot FILE", file=sys.stderr)
+        return EXIT_UNKNOWN
+    try:
+        targets = [parse_target(t) for t in args.targets]
+    except TargetError as exc:
+        print(f"qmpguard: error: {exc}", file=sys.stderr)
+        return EXIT_UNKNOWN
+    results: list[TargetResult] = []
+    for path in args.snapshot:
+        try:
+            snap = load_snapshot(path)
+        except SnapshotError as exc:
+            results.append(TargetResult(path, None, None, InspectionError("bad-snapshot",
+                                                                          str(exc))))
+            continue
+        results.append(analyse_snapshot(snap.target, snap))
+    if targets:
+        results += asyncio.run(inspect_many(targets, args.concurrency, _timeouts(args),
+                                            args.timeout))
+    if args.format == "json":
+        print(json.dumps(report_json(results), indent=2))
+    else:
+        print(render_report(results), end="")
+    return exit_code(results)
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    try:
+        target = parse_target(args.target)
+        snap = asyncio.run(snapshot_target(target, _timeouts(args), args.timeout))
+        write_json_atomically(args.output, snap.to_json())
+    except (TargetError, InspectionError) as exc:
+        print(f"qmpguard: error: {exc}", file=sys.stderr)
+        return EXIT_UNKNOWN
+    except OSError as exc:
+        print(f"qmpguard: error: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
+        return EXIT_UNKNOWN
+    print(f"wrote {args.output} ({len(snap.replies)} replies, "
+          f"{snap.timings.get('collect_s', 0):.3f}s)", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from qmpguard.demo.run import run_demo
+
+    return run_demo(fmt=args.format, keep=args.keep)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_format, args.verbose)
+    handlers = {"check": cmd_check, "snapshot": cmd_snapshot, "demo": cmd_demo}
+    try:
+        return handlers[args.command](args)
+    except KeyboardInterrupt:
+        print("qmpguard: interrupted", file=sys.stderr)
+        return EXIT_UNKNOWN

@@ -1,0 +1,1 @@
+"""Built-in demo: real QEMU VMs with emulated vfio-pci devices."""

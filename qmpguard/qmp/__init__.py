@@ -1,0 +1,1 @@
+"""QMP transports and the read-only allow-list."""

@@ -1,0 +1,48 @@
+"""The one read-only allow-list: every command any transport sends passes `check_command`.
+
+QMP is a fully privileged interface, so qmpguard refuses anything not listed here
+before a single byte is written.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+#: Exact QMP commands allowed besides the `query-*` family.
+ALLOWED_COMMANDS: frozenset[str] = frozenset(
+    {"qmp_capabilities", "qom-list", "qom-get", "qom-list-get", "qom-list-types"}
+)
+
+#: HMP lines allowed through `human-monitor-command`, matched whole.
+ALLOWED_HMP: tuple[re.Pattern[str], ...] = (
+    re.compile(r"info mtree( -f| -o -D| -f -o -D)?"),
+    re.compile(r"info qtree"),
+    re.compile(r"info pci"),
+    re.compile(r"info version"),
+)
+
+_QUERY_NAME = re.compile(r"query-[a-z0-9-]+")
+
+
+class ForbiddenCommand(Exception):
+    """A command outside the allow-list was about to be sent."""
+
+
+def check_command(command: str, arguments: Mapping[str, Any] | None = None) -> None:
+    """Raise ForbiddenCommand unless `command` with `arguments` is read-only."""
+    if not isinstance(command, str):
+        raise ForbiddenCommand(f"command name is not a string: {command!r}")
+    if command == "human-monitor-command":
+        line = (arguments or {}).get("command-line")
+        if not isinstance(line, str) or not any(p.fullmatch(line) for p in ALLOWED_HMP):
+            raise ForbiddenCommand(f"HMP line not allowed: {line!r}")
+        if set(arguments or {}) - {"command-line"}:
+            raise ForbiddenCommand("human-monitor-command with extra arguments")
+        return
+    if command in ALLOWED_COMMANDS:
+        return
+    if _QUERY_NAME.fullmatch(command):
+        return
+    raise ForbiddenCommand(f"QMP command not allowed (qmpguard is read-only): {command!r}")

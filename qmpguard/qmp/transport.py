@@ -1,0 +1,218 @@
+"""A read-only QMP session over qemu.qmp, with timeouts and one-line errors.
+
+Every command passes the allow-list before it is sent. Failures surface as
+`InspectionError` with a short `reason` (for metrics) and a one-line message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp.protocol import ConnectError
+
+from qmpguard.qmp.allowlist import ForbiddenCommand, check_command
+from qmpguard.targets import Target
+
+#: Default limits, overridable per session.
+GREETING_TIMEOUT_S = 2.0
+COMMAND_TIMEOUT_S = 5.0
+READ_LIMIT_BYTES = 16 * 1024 * 1024
+
+_LIBVIRT_MONITOR_MARKERS = ("/libvirt/qemu/", "/libvirt/qemu-")
+
+
+class InspectionError(Exception):
+    """A target could not be inspected. `reason` is a short, stable token."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Per-session time limits, in seconds."""
+
+    greeting: float = GREETING_TIMEOUT_S
+    command: float = COMMAND_TIMEOUT_S
+
+
+@dataclass
+class PeerProcess:
+    """The QEMU process behind a local socket, as far as it could be read."""
+
+    pid: int | None = None
+    cmdline: list[str] | None = None
+    error: str | None = None
+
+
+class CommandFailed(Exception):
+    """QEMU answered a command with an error reply (kept in the snapshot, not fatal)."""
+
+    def __init__(self, error_class: str, desc: str) -> None:
+        super().__init__(f"{error_class}: {desc}")
+        self.error_class = error_class
+        self.desc = desc
+
+
+def refuse_libvirt_socket(path: str) -> None:
+    """Never take a libvirt-held monitor: a waiting client steals it when libvirtd restarts."""
+    if any(m in path for m in _LIBVIRT_MONITOR_MARKERS) and path.endswith("monitor.sock"):
+        raise InspectionError(
+            "libvirt-socket",
+            f"{path} is a libvirt domain monitor; qmpguard never connects to it "
+            "(use the target libvirt:DOMAIN instead)",
+        )
+
+
+def read_peer_process(sock: socket.socket) -> PeerProcess:
+    """PID (SO_PEERCRED) and command line of the process at the other end of a UNIX socket."""
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid = struct.unpack("3i", creds)[0]
+    except OSError as exc:
+        return PeerProcess(error=f"SO_PEERCRED failed: {exc.strerror}")
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        return PeerProcess(pid=pid, error=f"cannot read /proc/{pid}/cmdline: {exc.strerror}")
+    args = [a.decode(errors="replace") for a in raw.split(b"\0")]
+    if args and args[-1] == "":
+        args.pop()
+    return PeerProcess(pid=pid, cmdline=args)
+
+
+@dataclass
+class QMPSession:
+    """One connected, read-only QMP session. Use `async with open_session(...)`."""
+
+    target: Target
+    timeouts: Timeouts
+    client: QMPClient
+    peer: PeerProcess | None = None
+    commands_sent: int = 0
+    sent_log: list[str] = field(default_factory=list)
+
+    async def execute(self, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
+        """Send one allow-listed command; return its `return` value.
+
+        Raises CommandFailed for an error reply, InspectionError when the session fails.
+        """
+        check_command(command, arguments)
+        self.commands_sent += 1
+        try:
+            async with asyncio.timeout(self.timeouts.command):
+                return await self.client.execute(command, dict(arguments) if arguments else None)
+        except ExecuteError as exc:
+            err = exc.error.error
+            raise CommandFailed(str(err.class_), str(err.desc)) from None
+        except TimeoutError:
+            raise InspectionError(
+                "timeout", f"{command} got no reply within {self.timeouts.command:g}s"
+            ) from None
+        except ForbiddenCommand:
+            raise
+        except Exception as exc:  # qemu.qmp raises assorted types when the peer goes away
+            raise InspectionError(
+                "disconnected", f"connection lost during {command}: {_describe(exc)}"
+            ) from None
+
+
+def _describe(exc: BaseException) -> str:
+    inner = exc.__cause__ or exc.__context__
+    text = str(exc) or type(exc).__name__
+    if inner is not None and str(inner) and str(inner) not in text:
+        text = f"{text}: {inner}"
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+async def _connect_socket(target: Target, timeout: float) -> socket.socket:
+    loop = asyncio.get_running_loop()
+    if target.kind == "unix":
+        refuse_libvirt_socket(target.address)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        address: Any = target.address
+    elif target.kind == "tcp":
+        host, port = target.tcp_host_port
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise InspectionError("unreachable", f"cannot resolve {host}: {exc}") from None
+        family, _, proto, _, address = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM, proto)
+    else:
+        raise InspectionError("unsupported", f"{target.kind} targets do not use a QMP socket")
+    sock.setblocking(False)
+    try:
+        async with asyncio.timeout(timeout):
+            await loop.sock_connect(sock, address)
+    except FileNotFoundError:
+        sock.close()
+        raise InspectionError("no-socket", f"no such socket: {target.address}") from None
+    except PermissionError:
+        sock.close()
+        raise InspectionError(
+            "permission-denied", f"permission denied on {target.address}"
+        ) from None
+    except ConnectionRefusedError:
+        sock.close()
+        raise InspectionError(
+            "refused", f"connection refused by {target.address} (stale socket: QEMU gone?)"
+        ) from None
+    except TimeoutError:
+        sock.close()
+        raise InspectionError("unreachable", f"connect to {target.address} timed out") from None
+    except OSError as exc:
+        sock.close()
+        raise InspectionError(
+            "unreachable", f"cannot connect to {target.address}: {exc.strerror or exc}"
+        ) from None
+    return sock
+
+
+@contextlib.asynccontextmanager
+async def open_session(
+    target: Target, timeouts: Timeouts | None = None, read_limit: int = READ_LIMIT_BYTES
+) -> Any:
+    """Connect, wait for the greeting (bounded), negotiate; yield a QMPSession; always close."""
+    timeouts = timeouts or Timeouts()
+    sock = await _connect_socket(target, timeouts.greeting)
+    peer = read_peer_process(sock) if target.kind == "unix" else None
+    client = QMPClient(target.name, readbuflen=read_limit)
+    # The built-in listener keeps every event forever and cannot be removed: make it
+    # listen for a name no event has, so a flood of events costs no memory.
+    client.events.names = {"QMPGUARD-NO-EVENT"}
+    try:
+        try:
+            async with asyncio.timeout(timeouts.greeting):
+                await client.connect(sock)
+        except TimeoutError:
+            raise InspectionError(
+                "busy",
+                f"monitor busy, held by another client: no QMP greeting from {target.address} "
+                f"within {timeouts.greeting:g}s",
+            ) from None
+        except ConnectError as exc:
+            cause = exc.exc if hasattr(exc, "exc") else exc.__cause__
+            if isinstance(cause, EOFError | ConnectionResetError | BrokenPipeError):
+                raise InspectionError(
+                    "disconnected", f"{target.address} closed the connection before the greeting"
+                ) from None
+            raise InspectionError(
+                "not-qmp", f"{target.address} is not a QMP peer: {_describe(exc)}"
+            ) from None
+        yield QMPSession(target=target, timeouts=timeouts, client=client, peer=peer)
+    finally:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1.0):
+                await client.disconnect()
+        sock.close()

@@ -1,0 +1,1 @@
+"""Renderers: the qmpguard.report/1 JSON document and the human table."""
