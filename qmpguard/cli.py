@@ -9,6 +9,7 @@ import sys
 from typing import NoReturn
 
 from qmpguard import __version__
+from qmpguard.daemon import command as daemon_command
 from qmpguard.inspect import TargetResult, analyse_snapshot, inspect_many, snapshot_target
 from qmpguard.logs import configure_logging
 from qmpguard.qmp.transport import InspectionError, Timeouts
@@ -69,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     snap.add_argument("target", metavar="TARGET")
     snap.add_argument("-o", "--output", required=True, metavar="FILE")
     _common(snap)
+
+    daemon_command.add_parser(sub)
 
     demo = sub.add_parser("demo", help="start demo VMs with emulated vfio-pci and check them")
     demo.add_argument("--format", choices=["table", "json"], default="table")
@@ -134,6 +137,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "daemon":
+        return daemon_command.run(args)
     configure_logging(args.log_format, args.verbose)
     handlers = {"check": cmd_check, "snapshot": cmd_snapshot, "demo": cmd_demo}
     try:

@@ -1,0 +1,1 @@
+"""The host daemon: discovery, scheduled inspection, HTTP API and Prometheus metrics."""

@@ -1,0 +1,45 @@
+"""Shared fixtures: real QEMU processes, each stopped at teardown."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from qmpguard.demo.qemu_process import QemuProcess, qemu_binary
+
+QEMU_X86 = qemu_binary("qemu-system-x86_64")
+QEMU_ARM = "qemu-system-aarch64"
+
+requires_qemu = pytest.mark.skipif(
+    shutil.which(QEMU_X86) is None and not Path(QEMU_X86).exists(),
+    reason=f"{QEMU_X86} not installed",
+)
+
+VmFactory = Callable[..., QemuProcess]
+
+
+@pytest.fixture
+def qemu_vm(tmp_path: Path) -> Iterator[VmFactory]:
+    """Start real QEMU VMs: `qemu_vm(*args, name="vm", binary=None, env=None)`.
+
+    Every VM listens on `<tmp>/<name>.qmp` before QEMU starts and is stopped at teardown.
+    """
+    started: list[QemuProcess] = []
+
+    def start(*args: str, name: str = "vm", binary: str | None = None,
+              env: dict[str, str] | None = None) -> QemuProcess:
+        vm = QemuProcess(
+            args=list(args), qmp_path=tmp_path / f"{name}.qmp",
+            binary=binary or QEMU_X86, env=env, stderr_path=tmp_path / f"{name}.stderr",
+        )
+        started.append(vm)
+        return vm.start()
+
+    try:
+        yield start
+    finally:
+        for vm in started:
+            vm.stop()
