@@ -23,17 +23,20 @@ VmFactory = Callable[..., QemuProcess]
 
 @pytest.fixture
 def qemu_vm(tmp_path: Path) -> Iterator[VmFactory]:
-    """Start real QEMU VMs: `qemu_vm(*args, name="vm", binary=None, env=None)`.
+    """Start real QEMU VMs: `qemu_vm(*args, name="vm", binary=None, env=None,
+    setup_monitor=False)`.
 
-    Every VM listens on `<tmp>/<name>.qmp` before QEMU starts and is stopped at teardown.
+    Every VM listens on `<tmp>/<name>.qmp` (and `<tmp>/<name>.setup.qmp` with
+    setup_monitor, for the test's own commands) before QEMU starts; stopped at teardown.
     """
     started: list[QemuProcess] = []
 
     def start(*args: str, name: str = "vm", binary: str | None = None,
-              env: dict[str, str] | None = None) -> QemuProcess:
+              env: dict[str, str] | None = None, setup_monitor: bool = False) -> QemuProcess:
         vm = QemuProcess(
             args=list(args), qmp_path=tmp_path / f"{name}.qmp",
             binary=binary or QEMU_X86, env=env, stderr_path=tmp_path / f"{name}.stderr",
+            setup_qmp_path=tmp_path / f"{name}.setup.qmp" if setup_monitor else None,
         )
         started.append(vm)
         return vm.start()

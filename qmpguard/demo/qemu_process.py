@@ -1,11 +1,12 @@
 """Start and stop real QEMU processes with a QMP socket that listens before QEMU runs.
 
-The QMP socket is bound and listening in this process and handed to QEMU as a file
+The QMP socket is bound and listening before QEMU runs and handed to it as a file
 descriptor, so a client can connect the moment `start()` returns: no polling, no sleeps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -13,8 +14,11 @@ import socket
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 DEFAULT_QEMU = "qemu-system-x86_64"
+_QMP_FD = 3  # where the child keeps the listening QMP socket across exec
+_SETUP_FD = 4
 
 
 def qemu_binary(default: str = DEFAULT_QEMU) -> str:
@@ -31,41 +35,55 @@ class QemuProcess:
     binary: str = field(default_factory=qemu_binary)
     env: dict[str, str] | None = None
     stderr_path: Path | None = None
+    #: Optional second QMP monitor (for test setup such as device_add), also listening
+    #: before QEMU runs, so qmpguard's monitor is left to qmpguard.
+    setup_qmp_path: Path | None = None
     popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> QemuProcess:
-        """Bind the QMP socket, then start QEMU on it. Returns self."""
+        """Start QEMU with its QMP socket already listening when this returns. Returns self.
+
+        The socket is bound in the child between fork and exec, so QEMU itself owns it
+        (SO_PEERCRED then names QEMU's pid, as with `-qmp unix:...,server=on`).
+        """
         if shutil.which(self.binary) is None and not Path(self.binary).exists():
             raise FileNotFoundError(f"QEMU binary not found: {self.binary}")
         self.qmp_path.parent.mkdir(parents=True, exist_ok=True)
         if self.qmp_path.exists() or self.qmp_path.is_symlink():
             self.qmp_path.unlink()
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            listener.bind(str(self.qmp_path))
-            listener.listen(16)
-            fd = listener.fileno()
-            cmd = [
-                self.binary,
-                "-nodefaults",
-                "-display", "none",
-                "-chardev", f"socket,id=qmpguard-mon,fd={fd},server=on,wait=off",
-                "-mon", "chardev=qmpguard-mon,mode=control",
-                *self.args,
-            ]
-            err = open(self.stderr_path, "wb") if self.stderr_path else subprocess.DEVNULL  # noqa: SIM115
-            try:
-                env = {**os.environ, **self.env} if self.env is not None else None
-                self.popen = subprocess.Popen(
-                    cmd, pass_fds=[fd], stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL, stderr=err, env=env,
-                    start_new_session=True,
-                )
-            finally:
-                if err is not subprocess.DEVNULL:
-                    err.close()  # type: ignore[union-attr]
-        finally:
-            listener.close()
+        sockets = {_QMP_FD: str(self.qmp_path)}
+        monitors = ["-chardev", f"socket,id=qmpguard-mon,fd={_QMP_FD},server=on,wait=off",
+                    "-mon", "chardev=qmpguard-mon,mode=control"]
+        if self.setup_qmp_path is not None:
+            self.setup_qmp_path.unlink(missing_ok=True)
+            sockets[_SETUP_FD] = str(self.setup_qmp_path)
+            monitors += ["-chardev", f"socket,id=setup-mon,fd={_SETUP_FD},server=on,wait=off",
+                         "-mon", "chardev=setup-mon,mode=control"]
+
+        def listen_in_child() -> None:
+            for fd, path in sockets.items():
+                listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                listener.bind(path)
+                listener.listen(16)
+                os.dup2(listener.fileno(), fd, inheritable=True)
+
+        cmd = [
+            self.binary,
+            "-nodefaults",
+            "-display", "none",
+            *monitors,
+            *self.args,
+        ]
+        env = {**os.environ, **self.env} if self.env is not None else None
+        with contextlib.ExitStack() as stack:
+            err: Any = subprocess.DEVNULL
+            if self.stderr_path:
+                err = stack.enter_context(open(self.stderr_path, "wb"))
+            self.popen = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                env=env, start_new_session=True, close_fds=False,
+                preexec_fn=listen_in_child,
+            )
         return self
 
     @property
@@ -88,8 +106,9 @@ class QemuProcess:
         except subprocess.TimeoutExpired:
             self.popen.kill()
             self.popen.wait()
-        if self.qmp_path.exists():
-            self.qmp_path.unlink(missing_ok=True)
+        for path in (self.qmp_path, self.setup_qmp_path):
+            if path is not None:
+                path.unlink(missing_ok=True)
 
     def __enter__(self) -> QemuProcess:
         return self.start()

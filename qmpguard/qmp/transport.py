@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import struct
 from collections.abc import Mapping
@@ -88,6 +89,12 @@ def read_peer_process(sock: socket.socket) -> PeerProcess:
     args = [a.decode(errors="replace") for a in raw.split(b"\0")]
     if args and args[-1] == "":
         args.pop()
+    if not args or "qemu" not in os.path.basename(args[0]).lower():
+        # SO_PEERCRED names whoever called listen(): a manager that created the socket
+        # and passed it to QEMU, not QEMU itself. Its command line is no evidence.
+        argv0 = args[0] if args else "?"
+        return PeerProcess(pid=pid, error=f"socket peer pid {pid} ({argv0}) is not QEMU "
+                                          "(socket created by another process)")
     return PeerProcess(pid=pid, cmdline=args)
 
 

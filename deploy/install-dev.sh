@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Set up qmpguard on a fresh Debian 12 machine: system packages, a virtualenv, the package.
+# Idempotent. Uses sudo for apt when not run as root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+PACKAGES=(
+  qemu-system-x86 qemu-system-arm   # the VMs qmpguard inspects (tests, demo)
+  seabios ipxe-qemu                 # firmware for running (non -S) test VMs
+  gcc libc6-dev                     # builds the demo's VFIO emulation and tiny guest
+  python3 python3-venv python3-dev  # the virtualenv
+  prometheus                        # promtool validates deploy/ alerting rules
+)
+missing=()
+for p in "${PACKAGES[@]}"; do
+  [[ "$p" == \#* ]] && continue
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  $SUDO apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    "${missing[@]}" >/dev/null
+fi
+
+PYTHON="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/pip install -q --upgrade pip >/dev/null
+.venv/bin/pip install -q -e '.[test]'
+echo "qmpguard installed in $(pwd)/.venv (run: .venv/bin/qmpguard --help)"

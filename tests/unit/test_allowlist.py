@@ -1,0 +1,73 @@
+"""The read-only allow-list refuses every command that could change a VM, before sending."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from qmpguard.qmp.allowlist import ForbiddenCommand, check_command
+from qmpguard.qmp.transport import QMPSession, Timeouts
+from qmpguard.targets import parse_target
+
+ALLOWED = [
+    ("qmp_capabilities", None),
+    ("query-version", None),
+    ("query-pci", None),
+    ("qom-list", {"path": "/machine"}),
+    ("qom-get", {"path": "/machine", "property": "type"}),
+    ("qom-list-get", {"paths": ["/machine"]}),
+    ("qom-list-types", {"implements": "pci-device", "abstract": True}),
+    ("human-monitor-command", {"command-line": "info mtree -f"}),
+    ("human-monitor-command", {"command-line": "info qtree"}),
+]
+
+FORBIDDEN = [
+    ("quit", None),
+    ("stop", None),
+    ("cont", None),
+    ("system_reset", None),
+    ("device_add", {"driver": "e1000"}),
+    ("device_del", {"id": "x"}),
+    ("qom-set", {"path": "/machine", "property": "x", "value": 1}),
+    ("migrate", {"uri": "exec:true"}),
+    ("human-monitor-command", {"command-line": "quit"}),
+    ("human-monitor-command", {"command-line": "info mtree -f; quit"}),
+    ("human-monitor-command", {"command-line": "info mtree -f\nquit"}),
+    ("human-monitor-command", {"command-line": "info qtree\x00quit"}),
+    ("human-monitor-command", {"command-line": "info  qtree"}),
+    ("human-monitor-command", {"command-line": "info qtree", "cpu-index": 0}),
+    ("human-monitor-command", {"command-line": ["info qtree"]}),
+    ("human-monitor-command", None),
+    ("query-version\nquit", None),
+    ("query-", None),
+    ("Query-version", None),
+    ("qom-get ", None),
+]
+
+
+@pytest.mark.parametrize(("command", "args"), ALLOWED)
+def test_read_only_commands_pass(command: str, args: dict[str, Any] | None) -> None:
+    check_command(command, args)
+
+
+@pytest.mark.parametrize(("command", "args"), FORBIDDEN)
+def test_everything_else_is_refused(command: str, args: dict[str, Any] | None) -> None:
+    with pytest.raises(ForbiddenCommand):
+        check_command(command, args)
+
+
+class _ExplodingClient:
+    """Stands in for qemu.qmp's client: any attempt to send is a test failure."""
+
+    async def execute(self, *_: Any) -> Any:
+        raise AssertionError("a forbidden command reached the wire")
+
+
+@pytest.mark.parametrize(("command", "args"), FORBIDDEN)
+def test_session_refuses_before_writing(command: str, args: dict[str, Any] | None) -> None:
+    session = QMPSession(parse_target("/x.qmp"), Timeouts(), _ExplodingClient())  # type: ignore[arg-type]
+    with pytest.raises(ForbiddenCommand):
+        asyncio.run(session.execute(command, args))
+    assert session.commands_sent == 0
