@@ -144,7 +144,7 @@ async def collect(session: QMPSession) -> Snapshot:
         if not isinstance(path, str) or not path.startswith("/"):
             return
         jobs = [q("qom-get", path=path, property="addr")]
-        if path.startswith("/machine/peripheral"):  # built-in devices are never hot-plugged
+        if dtype in vfio_types or dtype in T.VIOMMU_TYPES:  # order evidence needs it
             jobs.append(q("qom-get", path=path, property="hotplugged"))
         if dtype in virtio_types:
             jobs.append(q("qom-get", path=f"{path}/virtio-backend", property="iommu_platform"))

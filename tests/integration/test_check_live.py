@@ -20,25 +20,9 @@ from qmpguard.report.document import report_json, target_json
 from qmpguard.snapshot import load_snapshot
 from qmpguard.targets import parse_target
 from tests.conftest import QEMU_ARM, VmFactory, requires_qemu
+from tests.scenarios import I440FX_PCI_BRIDGE, Q35_INTEL_TOPOLOGY
 
 pytestmark = [pytest.mark.integration, requires_qemu]
-
-Q35_INTEL_TOPOLOGY = [
-    "-S", "-M", "q35", "-m", "64",
-    "-device", "intel-iommu,id=iommu,caching-mode=on",
-    "-device", "pcie-root-port,id=rp1,chassis=1,bus=pcie.0,addr=2.0",
-    "-device", "e1000e,id=nic1,bus=rp1",
-    "-device", "pcie-pci-bridge,id=ppb,bus=pcie.0,addr=3.0",
-    "-device", "e1000,id=legacy1,bus=ppb,addr=1.0",
-    "-device", "e1000,id=legacy2,bus=ppb,addr=2.0",
-    "-device", "pci-bridge,id=pb,chassis_nr=2,bus=ppb,addr=3.0",
-    "-device", "e1000,id=deep,bus=pb,addr=4.0",
-    "-device", "pxb-pcie,id=pxb,bus_nr=100,bypass_iommu=true,bus=pcie.0,addr=4.0",
-    "-device", "pcie-root-port,id=rp2,chassis=3,bus=pxb",
-    "-device", "virtio-net-pci,id=vnbypass,bus=rp2,disable-legacy=on",
-    "-device", "virtio-net-pci,id=vnon,bus=pcie.0,addr=5.0,disable-legacy=on,iommu_platform=on",
-    "-device", "virtio-net-pci,id=vnoff,bus=pcie.0,addr=6.0,disable-legacy=on",
-]
 
 
 def run_check(vm_path: Path) -> dict[str, Any]:
@@ -81,6 +65,15 @@ def test_q35_intel_bindings_aliasing_bypass_and_virtio(qemu_vm: VmFactory) -> No
     # -S: firmware has not numbered buses behind bridges.
     assert devs["nic1"]["bdf"] is None
     assert devs["vnon"]["bdf"] == "00:05.0"
+
+
+def test_i440fx_conventional_bridges_alias_to_bridge_devfn(qemu_vm: VmFactory) -> None:
+    """Behind pci-bridge / i82801b11-bridge (not PCIe-to-PCI): requester = the bridge itself."""
+    devs = by_id(run_check(qemu_vm(*I440FX_PCI_BRIDGE).qmp_path))
+    for name in ("behind1", "behind2", "pb"):
+        assert devs[name]["expected"]["requester"]["devfn"] == "05.0", name
+    assert devs["behinddmi"]["expected"]["requester"]["devfn"] == "1e.0"
+    assert devs["behinddmi"]["expected"]["requester"]["bus"] == devs["dmi"]["bus"]
 
 
 def test_running_firmware_numbers_buses(qemu_vm: VmFactory, tmp_path: Path) -> None:
