@@ -1,17 +1,31 @@
-"""Shared fixtures: real QEMU processes, each stopped at teardown."""
+"""Shared fixtures: real QEMU processes, each stopped at teardown, each audited.
+
+Read-only proof: every VM started here runs with QEMU's `handle_qmp_command` trace, so
+QEMU itself logs every command any client sends. At teardown each logged command that
+did not come from the test's own setup monitor must pass qmpguard's allow-list; the
+session ends with a count of audited commands (and fails if a test sent none at all
+through qmpguard while claiming to).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from qemu.qmp import ExecuteError, QMPClient
 
 from qmpguard.demo.qemu_process import QemuProcess, qemu_binary
+from qmpguard.qmp.allowlist import ForbiddenCommand, check_command
 
 QEMU_X86 = qemu_binary("qemu-system-x86_64")
 QEMU_ARM = "qemu-system-aarch64"
+SETUP_MARKER = "qmpguard-test-setup"
 
 requires_qemu = pytest.mark.skipif(
     shutil.which(QEMU_X86) is None and not Path(QEMU_X86).exists(),
@@ -19,6 +33,34 @@ requires_qemu = pytest.mark.skipif(
 )
 
 VmFactory = Callable[..., QemuProcess]
+_TRACE_LINE = re.compile(r"handle_qmp_command mon (0x[0-9a-f]+) req: (.*)")
+AUDIT = {"commands": 0, "vms": 0}
+
+
+def audit_qmp_trace(trace: Path) -> list[str]:
+    """Commands in a QEMU trace log that the allow-list refuses (setup monitor excluded)."""
+    if not trace.exists():
+        return []
+    entries = []
+    for line in trace.read_text(errors="replace").splitlines():
+        m = _TRACE_LINE.search(line)
+        if m:
+            try:
+                entries.append((m.group(1), json.loads(m.group(2))))
+            except json.JSONDecodeError:
+                entries.append((m.group(1), {"execute": f"<unparsable: {m.group(2)[:80]}>"}))
+    setup_monitors = {mon for mon, req in entries
+                      if (req.get("arguments") or {}).get("property") == SETUP_MARKER}
+    refused = []
+    for mon, req in entries:
+        if mon in setup_monitors:
+            continue
+        AUDIT["commands"] += 1
+        try:
+            check_command(req.get("execute"), req.get("arguments"))
+        except ForbiddenCommand as exc:
+            refused.append(str(exc))
+    return refused
 
 
 @pytest.fixture
@@ -27,22 +69,50 @@ def qemu_vm(tmp_path: Path) -> Iterator[VmFactory]:
     setup_monitor=False)`.
 
     Every VM listens on `<tmp>/<name>.qmp` (and `<tmp>/<name>.setup.qmp` with
-    setup_monitor, for the test's own commands) before QEMU starts; stopped at teardown.
+    setup_monitor, for the test's own commands: use `setup_client`) before QEMU starts.
+    At teardown the VM is stopped and its QMP trace audited against the allow-list.
     """
-    started: list[QemuProcess] = []
+    started: list[tuple[QemuProcess, Path]] = []
 
     def start(*args: str, name: str = "vm", binary: str | None = None,
               env: dict[str, str] | None = None, setup_monitor: bool = False) -> QemuProcess:
+        trace = tmp_path / f"{name}.qmp-trace.log"
         vm = QemuProcess(
-            args=list(args), qmp_path=tmp_path / f"{name}.qmp",
+            args=[*args, "-trace", f"handle_qmp_command,file={trace}"],
+            qmp_path=tmp_path / f"{name}.qmp",
             binary=binary or QEMU_X86, env=env, stderr_path=tmp_path / f"{name}.stderr",
             setup_qmp_path=tmp_path / f"{name}.setup.qmp" if setup_monitor else None,
         )
-        started.append(vm)
+        started.append((vm, trace))
         return vm.start()
 
     try:
         yield start
     finally:
-        for vm in started:
+        refused = []
+        for vm, trace in started:
             vm.stop()
+            AUDIT["vms"] += 1
+            refused += audit_qmp_trace(trace)
+        assert not refused, f"qmpguard sent commands outside the allow-list: {refused}"
+
+
+async def setup_client(vm: QemuProcess) -> AsyncIterator[QMPClient]:
+    """The test's own QMP client on the VM's setup monitor (excluded from the audit)."""
+    assert vm.setup_qmp_path is not None, "start the VM with setup_monitor=True"
+    client = QMPClient("test-setup")
+    await client.connect(str(vm.setup_qmp_path))
+    # Mark this monitor in QEMU's trace: a read of a property no object has.
+    with contextlib.suppress(ExecuteError):
+        await client.execute("qom-get", {"path": "/machine", "property": SETUP_MARKER})
+    try:
+        yield client
+    finally:
+        await client.disconnect()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if AUDIT["vms"]:
+        terminalreporter.write_line(
+            f"read-only audit: {AUDIT['commands']} QMP commands from qmpguard to "
+            f"{AUDIT['vms']} QEMU processes, all within the allow-list (QEMU trace)")
