@@ -241,3 +241,28 @@ def test_usage_error_exits_3() -> None:
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 3
     assert "Traceback" not in proc.stderr
+
+
+def test_tcp_target_without_cmdline(qemu_vm: VmFactory) -> None:
+    """Over TCP there is no peer PID: bindings still work, cmdline evidence says why not."""
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    vm = qemu_vm("-S", "-M", "q35", "-m", "64",
+                 "-qmp", f"tcp:127.0.0.1:{port},server=on,wait=off",
+                 "-device", "intel-iommu,id=iommu,caching-mode=on", "-device", "e1000e,id=nic1",
+                 setup_monitor=True)
+
+    async def tcp_ready() -> None:  # the UNIX monitors listen before QEMU runs; TCP does not
+        async with contextlib.asynccontextmanager(setup_client)(vm) as client:
+            await client.execute("query-status")  # QEMU has parsed its options by now
+
+    asyncio.run(tcp_ready())
+    result = asyncio.run(inspect_target(parse_target(f"tcp:127.0.0.1:{port}")))
+    assert result.ok
+    doc = target_json(result)
+    nic = by_id(doc)["nic1"]
+    assert nic["expected"]["requester"] == {"bus": "/machine/q35/pcie.0", "devfn": "01.0"}
+    assert nic["order"]["evidence"][0]["detail"] == (
+        "QEMU command line not available (not a local socket)")

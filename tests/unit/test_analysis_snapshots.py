@@ -1,4 +1,4 @@
-"""Pure analysis on snapshots recorded from real QEMU (tests/data, see tests/record_snapshots.py)."""
+"""Pure analysis on snapshots recorded from real QEMU (tests/data, tests/record_snapshots.py)."""
 
 from __future__ import annotations
 
