@@ -24,13 +24,11 @@ from typing import Any
 
 from qemu.qmp import ExecuteError, QMPClient
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from qmpguard.analysis.vm import analyze  # noqa: E402
-from qmpguard.collect import collect  # noqa: E402
-from qmpguard.demo.qemu_process import QemuProcess  # noqa: E402
-from qmpguard.qmp.transport import open_session  # noqa: E402
-from qmpguard.targets import parse_target  # noqa: E402
+from qmpguard.analysis.vm import analyze
+from qmpguard.collect import collect
+from qmpguard.demo.qemu_process import QemuProcess
+from qmpguard.qmp.transport import open_session
+from qmpguard.targets import parse_target
 
 BUILTIN_PCI = 4  # q35 -nodefaults: mch, ICH9-LPC, ich9-ahci, ICH9-SMB
 
