@@ -25,6 +25,9 @@ if [ ${#missing[@]} -gt 0 ]; then
     "${missing[@]}" >/dev/null
 fi
 
+# QEMU 10.0 beside the system 7.2, for the version test matrix (no system change).
+deploy/fetch-qemu-backport.sh
+
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/pip install -q --upgrade pip >/dev/null

@@ -12,10 +12,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from qmpguard import qemu_types as T
-from qmpguard.qmp.transport import CommandFailed, QMPSession
+from qmpguard.analysis.qtree import type_facts
+from qmpguard.qmp.transport import CommandFailed, InspectionError, QMPSession
 from qmpguard.snapshot import Snapshot
 
 HMP_MTREE = "info mtree -f"
+HMP_QTREE = "info qtree"
 
 
 def child_type(entry_type: str) -> str | None:
@@ -81,40 +83,26 @@ async def collect(session: QMPSession) -> Snapshot:
         )
     q = _Recorder(session, snap)
 
-    def types(base: str) -> Any:
-        return q("qom-list-types", implements=base, abstract=True)
-
-    (version, _cmds, _pci, pcibus_t, _pcie, hosts_t, bridges_t, virtio_t, *rest) = (
-        await asyncio.gather(
-            q("query-version"),
-            q("query-commands"),
-            types(T.PCI_DEVICE_BASE),
-            types(T.PCI_BUS_BASE),
-            types(T.PCIE_BUS_BASE),
-            types(T.PCI_HOST_BASE),
-            types(T.PCI_BRIDGE_BASE),
-            types(T.VIRTIO_PCI_BASE),
-            *(types(b) for b in T.VFIO_BASES),
-            q("qom-list", path="/"),
-            *(q("qom-list", path=c) for c in T.OBJECT_CONTAINERS),
-            q("qom-get", path="/machine", property="default-bus-bypass-iommu"),
-            q("qom-get", path="/machine", property="iommu"),
-            q("query-pci"),
-            q("human-monitor-command", **{"command-line": HMP_MTREE}),
-        )
+    (version, _cmds, qtree, *rest) = await asyncio.gather(
+        q("query-version"),
+        q("query-commands"),
+        q("human-monitor-command", **{"command-line": HMP_QTREE}),
+        q("qom-list", path="/"),
+        *(q("qom-list", path=c) for c in T.OBJECT_CONTAINERS),
+        q("qom-get", path="/machine", property="default-bus-bypass-iommu"),
+        q("qom-get", path="/machine", property="iommu"),
+        q("query-pci"),
+        q("human-monitor-command", **{"command-line": HMP_MTREE}),
     )
     if isinstance(version, dict):
         qv = version.get("qemu", {})
         if isinstance(qv, dict):
             snap.qemu_version = f"{qv.get('major')}.{qv.get('minor')}.{qv.get('micro')}"
-    vfio_types: set[str] = set()
-    for reply in rest[: len(T.VFIO_BASES)]:
-        vfio_types |= _type_names(reply)
-    containers = rest[len(T.VFIO_BASES) + 1 : len(T.VFIO_BASES) + 1 + len(T.OBJECT_CONTAINERS)]
-    host_types = _type_names(hosts_t)
-    bus_types = _type_names(pcibus_t)
-    bridge_types = _type_names(bridges_t)
-    virtio_types = _type_names(virtio_t)
+    facts = type_facts(qtree)
+    if facts is None:
+        raise InspectionError("bad-reply", "info qtree is not in a known format")
+    containers = rest[1 : 1 + len(T.OBJECT_CONTAINERS)]
+    bus_types, bridge_types, virtio_types = facts.pci_bus, facts.bridge, facts.virtio_pci
 
     hosts: list[str] = []
     viommus: list[tuple[str, str]] = []
@@ -124,7 +112,7 @@ async def collect(session: QMPSession) -> Snapshot:
             if ctype is None:
                 continue
             path = f"{base}/{name}"
-            if ctype in host_types:
+            if ctype in facts.host_bridge:
                 hosts.append(path)
             elif ctype in T.VIOMMU_TYPES and ctype not in T.PCI_VIOMMU_TYPES:
                 viommus.append((path, ctype))
@@ -144,7 +132,7 @@ async def collect(session: QMPSession) -> Snapshot:
         if not isinstance(path, str) or not path.startswith("/"):
             return
         jobs = [q("qom-get", path=path, property="addr")]
-        if dtype in vfio_types or dtype in T.VIOMMU_TYPES:  # order evidence needs it
+        if facts.is_vfio(dtype) or dtype in T.VIOMMU_TYPES:  # order evidence needs it
             jobs.append(q("qom-get", path=path, property="hotplugged"))
         if dtype in virtio_types:
             jobs.append(q("qom-get", path=f"{path}/virtio-backend", property="iommu_platform"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -20,11 +21,32 @@ from typing import Any
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
 
-from qmpguard.demo.qemu_process import QemuProcess, qemu_binary
+from qmpguard.demo.qemu_process import QemuProcess
 from qmpguard.qmp.allowlist import ForbiddenCommand, check_command
 
-QEMU_X86 = qemu_binary("qemu-system-x86_64")
+REPO = Path(__file__).resolve().parent.parent
 QEMU_ARM = "qemu-system-aarch64"
+
+
+def qemu_matrix() -> dict[str, str]:
+    """The x86 QEMU builds the integration tests run on, by label.
+
+    QMPGUARD_TEST_QEMU=/path/to/qemu-system-x86_64 runs them on that binary alone;
+    otherwise the system QEMU (7.2 on Debian 12) and, when deploy/fetch-qemu-backport.sh
+    has unpacked it, bookworm-backports' 10.0.
+    """
+    override = os.environ.get("QMPGUARD_TEST_QEMU")
+    if override:
+        return {"custom": override}
+    matrix = {"system": "qemu-system-x86_64"}
+    backport = REPO / ".cache" / "qemu-10.0" / "qemu-system-x86_64"
+    if backport.exists():
+        matrix["10.0"] = str(backport)
+    return matrix
+
+
+QEMU_MATRIX = qemu_matrix()
+QEMU_X86 = next(iter(QEMU_MATRIX.values()))
 SETUP_MARKER = "qmpguard-test-setup"
 
 requires_qemu = pytest.mark.skipif(
@@ -63,8 +85,8 @@ def audit_qmp_trace(trace: Path) -> list[str]:
     return refused
 
 
-@pytest.fixture
-def qemu_vm(tmp_path: Path) -> Iterator[VmFactory]:
+@pytest.fixture(params=list(QEMU_MATRIX), ids=lambda label: f"qemu-{label}")
+def qemu_vm(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[VmFactory]:
     """Start real QEMU VMs: `qemu_vm(*args, name="vm", binary=None, env=None,
     setup_monitor=False)`.
 
@@ -73,14 +95,17 @@ def qemu_vm(tmp_path: Path) -> Iterator[VmFactory]:
     At teardown the VM is stopped and its QMP trace audited against the allow-list.
     """
     started: list[tuple[QemuProcess, Path]] = []
+    x86 = QEMU_MATRIX[request.param]
 
     def start(*args: str, name: str = "vm", binary: str | None = None,
               env: dict[str, str] | None = None, setup_monitor: bool = False) -> QemuProcess:
+        if binary is not None and request.param != next(iter(QEMU_MATRIX)):
+            pytest.skip(f"{binary} is not part of the x86 version matrix")
         trace = tmp_path / f"{name}.qmp-trace.log"
         vm = QemuProcess(
             args=[*args, "-trace", f"handle_qmp_command,file={trace}"],
             qmp_path=tmp_path / f"{name}.qmp",
-            binary=binary or QEMU_X86, env=env, stderr_path=tmp_path / f"{name}.stderr",
+            binary=binary or x86, env=env, stderr_path=tmp_path / f"{name}.stderr",
             setup_qmp_path=tmp_path / f"{name}.setup.qmp" if setup_monitor else None,
         )
         started.append((vm, trace))

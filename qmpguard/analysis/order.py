@@ -200,7 +200,7 @@ def order_of(ctx: OrderContext, dev: PciDevice) -> OrderEvidence:
     """Order evidence for one device translated by a vIOMMU."""
     binding = ctx.bindings[dev.path]
     viommu = binding.viommu
-    if viommu is None:
+    if viommu is None or viommu.path == dev.path:
         return OrderEvidence("unknown", ())
     evidence: list[Evidence] = []
     if dev.hotplugged:

@@ -39,16 +39,3 @@ def qom_get(snap: Snapshot, path: str, prop: str, kind: type, default: Any = Non
             f"qom-get {path} {prop}: expected {kind.__name__}, got {type(value).__name__}"
         )
     return value
-
-
-def type_set(snap: Snapshot, base: str) -> frozenset[str]:
-    """Names from a recorded qom-list-types(implements=base, abstract=True)."""
-    reply = snap.get_or([], "qom-list-types", implements=base, abstract=True)
-    if not isinstance(reply, list):
-        raise ReplyShapeError(f"qom-list-types {base}: reply is not a list")
-    names = set()
-    for item in reply:
-        if not (isinstance(item, dict) and isinstance(item.get("name"), str)):
-            raise ReplyShapeError(f"qom-list-types {base}: entry without a name")
-        names.add(item["name"])
-    return frozenset(names)

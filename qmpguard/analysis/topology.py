@@ -6,8 +6,9 @@ import re
 from dataclasses import dataclass, field
 
 from qmpguard import qemu_types as T
-from qmpguard.analysis.shape import ReplyShapeError, qom_get, qom_list, type_set
-from qmpguard.collect import child_type, link_type
+from qmpguard.analysis.qtree import type_facts
+from qmpguard.analysis.shape import ReplyShapeError, qom_get, qom_list
+from qmpguard.collect import HMP_QTREE, child_type, link_type
 from qmpguard.snapshot import Snapshot
 
 _CHILD_INDEX = re.compile(r"child\[(\d+)\]")
@@ -109,14 +110,11 @@ def _machine_type(snap: Snapshot) -> str | None:
 
 def build_topology(snap: Snapshot) -> Topology:
     """Topology from the QOM replies in a snapshot."""
-    bus_types = type_set(snap, T.PCI_BUS_BASE)
-    express_types = type_set(snap, T.PCIE_BUS_BASE)
-    host_types = type_set(snap, T.PCI_HOST_BASE)
-    bridge_types = type_set(snap, T.PCI_BRIDGE_BASE)
-    virtio_types = type_set(snap, T.VIRTIO_PCI_BASE)
-    vfio_types: set[str] = set()
-    for base in T.VFIO_BASES:
-        vfio_types |= type_set(snap, base)
+    facts = type_facts(snap.get_or(None, "human-monitor-command", **{"command-line": HMP_QTREE}))
+    if facts is None:
+        raise ReplyShapeError("info qtree missing or not in a known format")
+    bus_types, express_types, host_types = facts.pci_bus, facts.express_bus, facts.host_bridge
+    bridge_types, virtio_types = facts.bridge, facts.virtio_pci
 
     topo = Topology(machine_type=_machine_type(snap))
     hosts: list[tuple[str, str]] = []
@@ -173,7 +171,7 @@ def build_topology(snap: Snapshot) -> Topology:
                 path=dpath, id=_device_id(dpath), type=dtype, bus=path, devfn=addr & 0xFF,
                 creation_index=index,
                 hotplugged=qom_get(snap, dpath, "hotplugged", bool),
-                vfio=dtype in vfio_types, virtio=virtio,
+                vfio=facts.is_vfio(dtype), virtio=virtio,
                 iommu_platform=(
                     qom_get(snap, f"{dpath}/virtio-backend", "iommu_platform", bool)
                     if virtio else None

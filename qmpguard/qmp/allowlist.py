@@ -10,9 +10,12 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-#: Exact QMP commands allowed besides the `query-*` family.
+#: Exact QMP commands allowed besides the `query-*` family. Deliberately absent:
+#: `qom-list-types`, `qom-list-properties`, `device-list-properties`: they load every QOM
+#: module into QEMU, which aborts a QEMU whose module directory no longer matches its
+#: build (seen: 10.0.2 with another version's modules). Reading must never risk the VM.
 ALLOWED_COMMANDS: frozenset[str] = frozenset(
-    {"qmp_capabilities", "qom-list", "qom-get", "qom-list-get", "qom-list-types"}
+    {"qmp_capabilities", "qom-list", "qom-get", "qom-list-get"}
 )
 
 #: HMP lines allowed through `human-monitor-command`, matched whole.

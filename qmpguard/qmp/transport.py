@@ -193,7 +193,6 @@ async def open_session(
     """Connect, wait for the greeting (bounded), negotiate; yield a QMPSession; always close."""
     timeouts = timeouts or Timeouts()
     sock = await _connect_socket(target, timeouts.greeting)
-    peer = read_peer_process(sock) if target.kind == "unix" else None
     client = QMPClient(target.name, readbuflen=read_limit)
     # The built-in listener keeps every event forever and cannot be removed: make it
     # listen for a name no event has, so a flood of events costs no memory.
@@ -217,6 +216,9 @@ async def open_session(
             raise InspectionError(
                 "not-qmp", f"{target.address} is not a QMP peer: {_describe(exc)}"
             ) from None
+        # Read the peer only now: after the greeting the process is QEMU for sure (a wrapper
+        # that execs QEMU would otherwise be caught mid-way).
+        peer = read_peer_process(sock) if target.kind == "unix" else None
         yield QMPSession(target=target, timeouts=timeouts, client=client, peer=peer)
     finally:
         with contextlib.suppress(Exception):
