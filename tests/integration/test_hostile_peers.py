@@ -1,0 +1,45 @@
+"""The CLI against a HostileFakeQMPPeer: exit 3, one line, no traceback, bounded memory."""
+
+from __future__ import annotations
+
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.hostile_peer import MODES, HostileFakeQMPPeer
+
+pytestmark = pytest.mark.integration
+
+#: Peak RSS bound for the whole `qmpguard check` process facing any of these peers.
+#: The read limit is 16 MiB per message (qemu.qmp tears the connection down past it).
+MEMORY_BOUND_KIB = 200 * 1024
+
+
+def run_with_rss(args: list[str]) -> tuple[subprocess.CompletedProcess[str], int]:
+    """Run a child; also return the peak RSS of this test's children so far, in KiB."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=60)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # max over children so far
+    return subprocess.CompletedProcess(args, proc.returncode, out, err), peak
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cli_survives_hostile_peer(tmp_path: Path, mode: str) -> None:
+    sock = tmp_path / "hostile.qmp"
+    with HostileFakeQMPPeer(sock, mode):
+        start = time.monotonic()
+        proc, peak_kib = run_with_rss([
+            sys.executable, "-m", "qmpguard", "check", "--greeting-timeout", "1",
+            "--command-timeout", "2", "--timeout", "8", str(sock)])
+        elapsed = time.monotonic() - start
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 3, output
+    assert "Traceback" not in output
+    assert elapsed < 20
+    findings = [line for line in proc.stdout.splitlines() if "QG100" in line]
+    assert len(findings) == 1, proc.stdout  # exactly one one-line reason
+    assert peak_kib < MEMORY_BOUND_KIB, f"peak RSS {peak_kib} KiB"
