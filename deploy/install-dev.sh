@@ -13,6 +13,8 @@ PACKAGES=(
   gcc libc6-dev                     # builds the demo's VFIO emulation and tiny guest
   python3 python3-venv python3-dev  # the virtualenv
   prometheus                        # promtool validates deploy/ alerting rules
+  libvirt-daemon-system libvirt-clients  # a real libvirtd for the libvirt tests
+  libvirt-dev pkg-config            # to build libvirt-python (qmpguard[libvirt])
 )
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -31,5 +33,20 @@ deploy/fetch-qemu-backport.sh
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/pip install -q --upgrade pip >/dev/null
-.venv/bin/pip install -q -e '.[test]'
+.venv/bin/pip install -q -e '.[test,libvirt]'
+
+# libvirtd for the libvirt tests. Debian's udev gives /dev/kvm to group kvm (0660);
+# containers often do not, and libvirt then re-probes every emulator on each call
+# ("KVM was enabled when probing, but it is not available now"): ~1 minute per define.
+if [ -c /dev/kvm ] && getent group kvm >/dev/null; then
+  $SUDO chgrp kvm /dev/kvm && $SUDO chmod 0660 /dev/kvm
+fi
+if ! virsh -c qemu:///system version >/dev/null 2>&1; then
+  if [ -d /run/systemd/system ]; then
+    $SUDO systemctl start libvirtd
+  else
+    $SUDO virtlogd -d
+    $SUDO libvirtd -d
+  fi
+fi
 echo "qmpguard installed in $(pwd)/.venv (run: .venv/bin/qmpguard --help)"

@@ -12,6 +12,7 @@ from qmpguard import __version__
 from qmpguard.daemon import command as daemon_command
 from qmpguard.inspect import TargetResult, analyse_snapshot, inspect_many, snapshot_target
 from qmpguard.logs import configure_logging
+from qmpguard.qmp.libvirt import running_domains
 from qmpguard.qmp.transport import InspectionError, Timeouts
 from qmpguard.report.document import EXIT_UNKNOWN, exit_code, report_json
 from qmpguard.report.table import render_report
@@ -26,7 +27,7 @@ exit codes (monitoring-plugin convention):
   3  UNKNOWN   some target could not be inspected and nothing is critical;
                also usage errors and unreadable input
 
-targets: /path/to/qmp.sock, unix:PATH, tcp:HOST:PORT
+targets: /path/to/qmp.sock, unix:PATH, tcp:HOST:PORT, libvirt:DOMAIN[@URI]
 """
 
 
@@ -64,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="analyse a saved snapshot instead of a live VM (repeatable)")
     check.add_argument("--format", choices=["table", "json"], default="table")
     check.add_argument("--concurrency", type=int, default=16, metavar="N")
+    check.add_argument("--libvirt-all", action="store_true",
+                       help="also check every running libvirt domain")
+    check.add_argument("--libvirt-uri", default="qemu:///system", metavar="URI",
+                       help="libvirt connection for --libvirt-all (default qemu:///system)")
     _common(check)
 
     snap = sub.add_parser("snapshot", help="save the raw facts of one VM as JSON")
@@ -86,12 +91,15 @@ def _timeouts(args: argparse.Namespace) -> Timeouts:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    if not args.targets and not args.snapshot:
-        print("qmpguard: error: give at least one TARGET or --snapshot FILE", file=sys.stderr)
+    if not args.targets and not args.snapshot and not args.libvirt_all:
+        print("qmpguard: error: give a TARGET, --snapshot FILE or --libvirt-all",
+              file=sys.stderr)
         return EXIT_UNKNOWN
     try:
         targets = [parse_target(t) for t in args.targets]
-    except TargetError as exc:
+        if args.libvirt_all:
+            targets += running_domains(args.libvirt_uri)
+    except (TargetError, InspectionError) as exc:
         print(f"qmpguard: error: {exc}", file=sys.stderr)
         return EXIT_UNKNOWN
     results: list[TargetResult] = []

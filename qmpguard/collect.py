@@ -13,7 +13,7 @@ from typing import Any
 
 from qmpguard import qemu_types as T
 from qmpguard.analysis.qtree import type_facts
-from qmpguard.qmp.transport import CommandFailed, InspectionError, QMPSession
+from qmpguard.qmp.transport import CommandFailed, InspectionError, Session
 from qmpguard.snapshot import Snapshot
 
 HMP_MTREE = "info mtree -f"
@@ -36,7 +36,7 @@ def link_type(entry_type: str) -> str | None:
 class _Recorder:
     """Sends commands through the session and records every reply in the snapshot."""
 
-    def __init__(self, session: QMPSession, snap: Snapshot) -> None:
+    def __init__(self, session: Session, snap: Snapshot) -> None:
         self.session = session
         self.snap = snap
 
@@ -69,12 +69,12 @@ def _type_names(reply: Any) -> set[str]:
     return {e["name"] for e in reply if isinstance(e, dict) and isinstance(e.get("name"), str)}
 
 
-async def collect(session: QMPSession) -> Snapshot:
+async def collect(session: Session) -> Snapshot:
     """Read one VM into a Snapshot."""
     started = time.perf_counter()
     snap = Snapshot(
         target=session.target.name,
-        transport=f"qmp-{session.target.kind}",
+        transport="libvirt" if session.target.kind == "libvirt" else f"qmp-{session.target.kind}",
         collected_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     if session.peer is not None:

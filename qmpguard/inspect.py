@@ -12,6 +12,7 @@ from qmpguard.analysis.shape import ReplyShapeError
 from qmpguard.analysis.vm import VmAnalysis, analyze
 from qmpguard.collect import collect
 from qmpguard.qmp.allowlist import ForbiddenCommand
+from qmpguard.qmp.libvirt import open_libvirt_session
 from qmpguard.qmp.transport import InspectionError, Timeouts, open_session
 from qmpguard.snapshot import Snapshot, SnapshotError
 from qmpguard.targets import Target
@@ -48,10 +49,11 @@ async def snapshot_target(
     target: Target, timeouts: Timeouts | None = None, overall: float = TARGET_TIMEOUT_S
 ) -> Snapshot:
     """Connect and collect one snapshot; InspectionError on any failure."""
-    if target.kind == "libvirt":
-        raise InspectionError("unsupported", "libvirt targets are not supported yet")
     try:
         async with asyncio.timeout(overall):
+            if target.kind == "libvirt":
+                async with open_libvirt_session(target, timeouts) as lv_session:
+                    return await collect(lv_session)
             async with open_session(target, timeouts) as session:
                 return await collect(session)
     except TimeoutError:

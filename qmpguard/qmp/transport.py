@@ -13,7 +13,7 @@ import socket
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from qemu.qmp import ExecuteError, QMPClient
 from qemu.qmp.protocol import ConnectError
@@ -74,13 +74,8 @@ def refuse_libvirt_socket(path: str) -> None:
         )
 
 
-def read_peer_process(sock: socket.socket) -> PeerProcess:
-    """PID (SO_PEERCRED) and command line of the process at the other end of a UNIX socket."""
-    try:
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        pid = struct.unpack("3i", creds)[0]
-    except OSError as exc:
-        return PeerProcess(error=f"SO_PEERCRED failed: {exc.strerror}")
+def read_process_cmdline(pid: int) -> PeerProcess:
+    """The command line of QEMU process `pid`, if it is readable and really QEMU."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as fh:
             raw = fh.read()
@@ -93,9 +88,30 @@ def read_peer_process(sock: socket.socket) -> PeerProcess:
         # SO_PEERCRED names whoever called listen(): a manager that created the socket
         # and passed it to QEMU, not QEMU itself. Its command line is no evidence.
         argv0 = args[0] if args else "?"
-        return PeerProcess(pid=pid, error=f"socket peer pid {pid} ({argv0}) is not QEMU "
+        return PeerProcess(pid=pid, error=f"process {pid} ({argv0}) is not QEMU "
                                           "(socket created by another process)")
     return PeerProcess(pid=pid, cmdline=args)
+
+
+def read_peer_process(sock: socket.socket) -> PeerProcess:
+    """PID (SO_PEERCRED) and command line of the process at the other end of a UNIX socket."""
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid = struct.unpack("3i", creds)[0]
+    except OSError as exc:
+        return PeerProcess(error=f"SO_PEERCRED failed: {exc.strerror}")
+    return read_process_cmdline(pid)
+
+
+class Session(Protocol):
+    """What collection needs from any transport (direct QMP, libvirt passthrough)."""
+
+    target: Target
+    peer: PeerProcess | None
+    commands_sent: int
+
+    async def execute(self, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
+        ...
 
 
 @dataclass

@@ -1,0 +1,152 @@
+"""libvirt-managed VMs through a real libvirtd: passthrough, command line, discovery."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qmpguard.inspect import inspect_target
+from qmpguard.report.document import target_json
+from qmpguard.targets import parse_target
+from tests.conftest import audit_qmp_trace
+
+libvirt = pytest.importorskip("libvirt")
+pytestmark = pytest.mark.integration
+URI = "qemu:///system"
+TRACE_DIR = Path("/var/lib/libvirt/qemu/qmpguard-test-traces")
+
+
+def _connect() -> Any:
+    try:
+        return libvirt.open(URI)
+    except libvirt.libvirtError as exc:
+        if os.environ.get("CI"):
+            raise  # CI installs and starts libvirtd: not reaching it is a failure
+        pytest.skip(f"no libvirtd at {URI}: {exc}")
+
+
+DOMAIN = """<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>{name}</name>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type></os>
+  {features}
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <controller type='pci' model='pcie-root'/>
+    {devices}
+    <memballoon model='none'/>
+  </devices>
+  <qemu:commandline>
+    <qemu:arg value='-trace'/>
+    <qemu:arg value='handle_qmp_command,file={trace}'/>
+  </qemu:commandline>
+</domain>"""
+
+INTEL_WITH_BRIDGE = dict(
+    features="<features><ioapic driver='qemu'/></features>",
+    devices="""<controller type='pci' model='pcie-root-port' index='1'/>
+    <controller type='pci' model='pcie-to-pci-bridge' index='2'/>
+    <interface type='user'><model type='e1000'/>
+      <address type='pci' bus='0x02' slot='0x01'/></interface>
+    <interface type='user'><model type='e1000'/>
+      <address type='pci' bus='0x02' slot='0x02'/></interface>
+    <interface type='user'><model type='virtio'/><driver iommu='on'/></interface>
+    <iommu model='intel'><driver intremap='on' caching_mode='on'/></iommu>""",
+)
+NO_VIOMMU = dict(features="", devices="<interface type='user'><model type='e1000e'/></interface>")
+
+
+@pytest.fixture
+def libvirt_domain() -> Iterator[Callable[[dict[str, str]], str]]:
+    """Define and start (paused) libvirt domains; destroy and undefine them at teardown."""
+    conn = _connect()
+    TRACE_DIR.mkdir(mode=0o777, parents=True, exist_ok=True)
+    TRACE_DIR.chmod(0o777)
+    made: list[tuple[Any, Path]] = []
+
+    def start(kind: dict[str, str]) -> str:
+        name = f"qmpguard-test-{uuid.uuid4().hex[:8]}"
+        trace = TRACE_DIR / f"{name}.log"
+        dom = conn.defineXML(DOMAIN.format(name=name, trace=trace, **kind))
+        made.append((dom, trace))
+        dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
+        return name
+
+    try:
+        yield start
+    finally:
+        refused = []
+        for dom, trace in made:
+            if dom.isActive():
+                dom.destroy()
+            dom.undefine()
+            refused += audit_qmp_trace(trace)
+            trace.unlink(missing_ok=True)
+        conn.close()
+        # libvirt's own commands (qmp_capabilities, query-*, ...) pass too, except the
+        # ones it sends to manage the VM: only qmpguard's are judged here.
+        ours = [r for r in refused if "qom-" in r or "human-monitor" in r]
+        assert not ours, ours
+
+
+def check(name: str) -> dict[str, Any]:
+    result = asyncio.run(inspect_target(parse_target(f"libvirt:{name}")))
+    assert result.ok, result.error and result.error.message
+    return target_json(result)
+
+
+def test_libvirt_bindings_and_cmdline_evidence(libvirt_domain: Callable[..., str]) -> None:
+    name = libvirt_domain(INTEL_WITH_BRIDGE)
+    doc = check(name)
+    assert [v["type"] for v in doc["viommus"]] == ["intel-iommu"]
+    devs = {d["id"]: d for d in doc["devices"] if d["id"]}
+    # libvirt names the pcie-to-pci-bridge's bus pci.2: both NICs behind it alias to it.
+    for nic in ("net0", "net1"):
+        assert devs[nic]["expected"]["requester"]["devfn"] == "00.0"
+        assert devs[nic]["expected"]["requester"]["bus"].endswith("/pci.2")
+        cmdline = next(e for e in devs[nic]["order"]["evidence"] if e["source"] == "cmdline")
+        assert cmdline["conclusion"] == "after"  # libvirt puts the vIOMMU first
+    assert devs["net2"]["type"] == "virtio-net-pci"
+    assert not [f for f in doc["findings"] if f["code"] == "QG005"]  # iommu='on'
+
+
+def test_libvirt_without_viommu(libvirt_domain: Callable[..., str]) -> None:
+    doc = check(libvirt_domain(NO_VIOMMU))
+    assert doc["viommus"] == []
+    assert {d["expected"]["kind"] for d in doc["devices"]} == {"memory"}
+
+
+def test_libvirt_all_and_monitor_socket_refused(libvirt_domain: Callable[..., str]) -> None:
+    name = libvirt_domain(NO_VIOMMU)
+    proc = subprocess.run([sys.executable, "-m", "qmpguard", "check", "--libvirt-all",
+                           "--format", "json"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert f"libvirt:{name}" in proc.stdout
+    # The domain's own monitor socket: qmpguard refuses it at once and says what to use.
+    socks = list(Path("/var/lib/libvirt/qemu").glob(f"domain-*-{name[:20]}/monitor.sock"))
+    assert socks, "libvirt's monitor socket not found"
+    start = time.monotonic()
+    direct = subprocess.run([sys.executable, "-m", "qmpguard", "check", str(socks[0])],
+                            capture_output=True, text=True, timeout=60)
+    assert direct.returncode == 3
+    assert "use the target libvirt:DOMAIN" in direct.stdout
+    assert time.monotonic() - start < 10
+
+
+def test_missing_domain_is_one_line() -> None:
+    _connect().close()
+    proc = subprocess.run([sys.executable, "-m", "qmpguard", "check", "libvirt:no-such-dom"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert "no-such-dom" in proc.stdout
