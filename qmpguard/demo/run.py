@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from qmpguard.demo.emulation import (
+from qmpguard.demo.fakevfio import (
     VfioDeviceSpec,
     build_emulation,
     create_sysfs_device,

@@ -1,0 +1,88 @@
+"""Python side of the VFIO emulation (fakevfio.c): build it, describe devices, read its log."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("fakevfio.c")
+_LOG_LINE = re.compile(
+    r"(map|unmap) c=(\d+) iova=0x([0-9a-f]+) size=0x([0-9a-f]+)(?: vaddr=0x[0-9a-f]+)?")
+
+
+def build_emulation(cache_dir: Path) -> Path:
+    """Compile fakevfio.c to a shared object (cached by source hash); return its path."""
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source).hexdigest()[:16]
+    out = cache_dir / f"fakevfio-{digest}.so"
+    if out.exists():
+        return out
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    proc = subprocess.run(
+        ["gcc", "-O2", "-Wall", "-Wextra", "-shared", "-fPIC", "-o", str(tmp), str(SOURCE),
+         "-ldl"], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"building the VFIO emulation failed: {proc.stderr.strip()}")
+    tmp.replace(out)
+    return out
+
+
+@dataclass(frozen=True)
+class VfioDeviceSpec:
+    """One emulated assignable device: its sysfs-style name and IOMMU group number."""
+
+    name: str  # e.g. "0000:01:00.0"; QEMU uses the directory's basename as the device name
+    group: int
+
+
+def create_sysfs_device(root: Path, spec: VfioDeviceSpec) -> Path:
+    """Create DIR for `-device vfio-pci,sysfsdev=DIR` (an `iommu_group` symlink in it)."""
+    device_dir = root / spec.name
+    device_dir.mkdir(parents=True, exist_ok=True)
+    link = device_dir / "iommu_group"
+    if link.is_symlink():
+        link.unlink()
+    link.symlink_to(f"../../../kernel/iommu_groups/{spec.group}")
+    return device_dir
+
+
+def emulation_env(so_path: Path, dma_log: Path) -> dict[str, str]:
+    """Environment for a QEMU process that should see the emulated VFIO devices."""
+    return {"LD_PRELOAD": str(so_path), "QMPGUARD_VFIO_DMA_LOG": str(dma_log)}
+
+
+def mapped_bytes(dma_log: Path) -> dict[int, int]:
+    """Bytes still DMA-mapped per container at the end of the log (maps minus unmaps).
+
+    Intervals are tracked exactly, so partial unmaps (which type1 allows) are honoured.
+    """
+    maps: dict[int, list[tuple[int, int]]] = {}
+    if not dma_log.exists():
+        return {}
+    for line in dma_log.read_text().splitlines():
+        m = _LOG_LINE.fullmatch(line.strip())
+        if not m:
+            continue
+        op, container = m.group(1), int(m.group(2))
+        start, size = int(m.group(3), 16), int(m.group(4), 16)
+        ranges = maps.setdefault(container, [])
+        if op == "map":
+            ranges.append((start, start + size))
+            continue
+        end = start + size
+        kept = []
+        for a, b in ranges:
+            if b <= start or a >= end:
+                kept.append((a, b))
+                continue
+            if a < start:
+                kept.append((a, start))
+            if b > end:
+                kept.append((end, b))
+        maps[container] = kept
+    return {c: sum(b - a for a, b in r) for c, r in maps.items()}
