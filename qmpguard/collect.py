@@ -132,7 +132,7 @@ async def collect(session: Session) -> Snapshot:
         if not isinstance(path, str) or not path.startswith("/"):
             return
         jobs = [q("qom-get", path=path, property="addr")]
-        if facts.is_vfio(dtype) or dtype in T.VIOMMU_TYPES:  # order evidence needs it
+        if path.startswith("/machine/peripheral"):  # built-in devices are never hot-plugged
             jobs.append(q("qom-get", path=path, property="hotplugged"))
         if dtype in virtio_types:
             jobs.append(q("qom-get", path=f"{path}/virtio-backend", property="iommu_platform"))

@@ -170,7 +170,9 @@ def build_topology(snap: Snapshot) -> Topology:
             topo.devices[dpath] = PciDevice(
                 path=dpath, id=_device_id(dpath), type=dtype, bus=path, devfn=addr & 0xFF,
                 creation_index=index,
-                hotplugged=qom_get(snap, dpath, "hotplugged", bool),
+                # Devices outside /machine/peripheral* are created by the machine itself.
+                hotplugged=(qom_get(snap, dpath, "hotplugged", bool)
+                            if dpath.startswith("/machine/peripheral") else False),
                 vfio=facts.is_vfio(dtype), virtio=virtio,
                 iommu_platform=(
                     qom_get(snap, f"{dpath}/virtio-backend", "iommu_platform", bool)

@@ -86,3 +86,24 @@ def mapped_bytes(dma_log: Path) -> dict[int, int]:
                 kept.append((end, b))
         maps[container] = kept
     return {c: sum(b - a for a, b in r) for c, r in maps.items()}
+
+
+GUEST_SOURCE = Path(__file__).with_name("vtd_guest.S")
+
+
+def build_vtd_guest(cache_dir: Path) -> Path:
+    """Assemble the multiboot guest that enables VT-d translation (cached by source hash)."""
+    source = GUEST_SOURCE.read_bytes()
+    out = cache_dir / f"vtd-guest-{hashlib.sha256(source).hexdigest()[:16]}.elf"
+    if out.exists():
+        return out
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    proc = subprocess.run(
+        ["gcc", "-m32", "-nostdlib", "-static", "-ffreestanding", "-Wl,-Ttext=0x100000",
+         "-Wl,--build-id=none", "-Wl,-e,_start", "-Wl,-z,max-page-size=0x1000",
+         "-o", str(tmp), str(GUEST_SOURCE)], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"building the VT-d guest failed: {proc.stderr.strip()}")
+    tmp.replace(out)
+    return out

@@ -52,13 +52,12 @@ good-vm's device is ok. Try it yourself: `qmpguard check /path/to/vm.qmp`.
 def demo_vm_args(name: str, sysfs: Path, viommu_first: bool) -> list[str]:
     """QEMU arguments of one demo VM (TCG, paused before firmware: no guest needed)."""
     viommu = ["-device", "intel-iommu,id=viommu0,caching-mode=on"]
-    vfio = ["-device", "pcie-root-port,id=rp0,chassis=1,bus=pcie.0,addr=2.0",
-            "-device", f"vfio-pci,id=hostdev0,bus=rp0,sysfsdev={sysfs}"]
+    vfio = ["-device", f"vfio-pci,id=hostdev0,bus=pcie.0,addr=9.0,rombar=0,sysfsdev={sysfs}"]
     return [
         "-name", name, "-S", "-accel", "tcg",
         "-machine", "q35,kernel-irqchip=split", "-m", "64",
-        *(viommu + vfio if viommu_first else vfio + viommu),
         "-device", "e1000e,id=nic0,bus=pcie.0,addr=3.0",
+        *(viommu + vfio if viommu_first else vfio + viommu),
     ]
 
 

@@ -149,7 +149,7 @@ def test_json_device_options_are_realized_after_keyval(qemu_vm: VmFactory) -> No
     assert "JSON" in sources["cmdline"]["detail"]
 
 
-def test_hotplugged_device_is_seen(qemu_vm: VmFactory) -> None:
+def test_hotplugged_device_is_after_viommu(qemu_vm: VmFactory) -> None:
     vm = qemu_vm("-S", "-M", "q35", "-m", "64",
                  "-device", "intel-iommu,id=iommu,caching-mode=on",
                  "-device", "pcie-root-port,id=rp1,chassis=1", setup_monitor=True)
@@ -161,8 +161,8 @@ def test_hotplugged_device_is_seen(qemu_vm: VmFactory) -> None:
     asyncio.run(hotplug())
     hot = by_id(run_check(vm.qmp_path))["hot1"]
     assert hot["expected"]["requester"] == {"bus": "/machine/peripheral/rp1/rp1", "devfn": "00.0"}
-    # Not on the command line; `hotplugged` is read for vfio devices only (tested with
-    # emulated vfio-pci in test_vfio_ground_truth.py), so the order of a NIC stays open.
+    assert hot["order"]["relative_to_viommu"] == "after"
+    assert hot["order"]["evidence"][0]["source"] == "hotplugged"
     cmdline = next(e for e in hot["order"]["evidence"] if e["source"] == "cmdline")
     assert cmdline["conclusion"] is None and "not a -device" in cmdline["detail"]
 
