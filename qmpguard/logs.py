@@ -8,9 +8,13 @@ import sys
 import structlog
 
 
-def configure_logging(fmt: str = "auto", verbose: bool = False) -> None:
-    """Route structlog (and stdlib logging, e.g. qemu.qmp's) to stderr."""
-    level = logging.DEBUG if verbose else logging.WARNING
+def configure_logging(fmt: str = "auto", verbose: bool = False,
+                      level: int = logging.WARNING) -> None:
+    """Route structlog (and stdlib logging, e.g. qemu.qmp's) to stderr.
+
+    One-shot commands log warnings and up; the daemon passes INFO (state changes).
+    """
+    level = logging.DEBUG if verbose else level
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
     renderer: structlog.types.Processor = (

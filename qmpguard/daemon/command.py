@@ -1,15 +1,122 @@
-"""`qmpguard daemon`: argument parsing hook and entry point (filled in by the daemon work)."""
+"""`qmpguard daemon`: flags, config loading, signals; the work is in watch/web."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import signal
+import ssl
+import sys
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from qmpguard.daemon.exporter import build_registry
+from qmpguard.daemon.results import ResultStore
+from qmpguard.daemon.settings import ConfigError, Settings, StaticTarget, load_settings
+from qmpguard.daemon.watch import Scheduler
+from qmpguard.daemon.web import build_app
+from qmpguard.logs import configure_logging
+
+log = structlog.get_logger("qmpguard.daemon")
+EXIT_CONFIG = 3
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Register the `daemon` subcommand."""
-    sub.add_parser("daemon", help="watch every VM on this host and serve results over HTTP")
+    p = sub.add_parser("daemon", help="watch every VM on this host and serve results over HTTP")
+    p.add_argument("--config", metavar="PATH", help="TOML config (see deploy/config.example.toml)")
+    p.add_argument("--watch", action="append", default=[], metavar="GLOB",
+                   help="QMP socket glob to watch (repeatable; replaces the config's list)")
+    p.add_argument("--target", action="append", default=[], metavar="TARGET",
+                   help="a target to always inspect (repeatable)")
+    p.add_argument("--listen", metavar="HOST:PORT", help="HTTP address (default 127.0.0.1:9464)")
+    p.add_argument("--interval", type=float, metavar="SECONDS",
+                   help="re-inspection interval (default 60, jittered)")
+    p.add_argument("--log-format", choices=["auto", "console", "json"], default="auto")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "watch": tuple(args.watch),
+        "targets": tuple(StaticTarget(t) for t in args.target),
+        "listen": args.listen,
+        "interval": args.interval,
+    }
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the daemon until SIGTERM/SIGINT; return the exit code."""
-    raise NotImplementedError
+    """Run until SIGTERM/SIGINT (exit 0); SIGHUP reloads the config file."""
+    configure_logging(args.log_format, args.verbose, logging.INFO)
+    try:
+        settings = load_settings(args.config, _overrides(args))
+    except ConfigError as exc:
+        print(f"qmpguard: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        return asyncio.run(_serve(settings, args))
+    except OSError as exc:
+        print(f"qmpguard: error: cannot serve on {settings.listen}: {exc.strerror}",
+              file=sys.stderr)
+        return EXIT_CONFIG
+
+
+async def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    store = ResultStore()
+    registry, duration = build_registry(store)
+    scheduler = Scheduler(settings, store, duration)
+    app = build_app(store, registry, settings.token)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    tls = None
+    if settings.tls_cert and settings.tls_key:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(settings.tls_cert, settings.tls_key)
+    host, port = settings.listen_host_port
+    site = web.TCPSite(runner, host, port, ssl_context=tls)
+    await site.start()
+    log.info("listening", address=settings.listen, tls=tls is not None)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    def reload() -> None:
+        try:
+            new = load_settings(args.config, _overrides(args))
+        except ConfigError as exc:
+            log.error("config_reload_failed", error=str(exc), keeping="previous config")
+            return
+        if new.listen != scheduler.settings.listen:
+            log.warning("config_listen_unchanged", reason="changing 'listen' needs a restart")
+        scheduler.settings = new
+        log.info("config_reloaded", watch=list(new.watch), targets=len(new.targets))
+        scheduler_wakeup.set()
+
+    scheduler_wakeup = asyncio.Event()
+    loop.add_signal_handler(signal.SIGHUP, reload)
+
+    async def discovery() -> None:
+        while True:
+            try:
+                await scheduler.rescan()
+            except Exception as exc:  # discovery must never die
+                log.error("discovery_failed", error=str(exc))
+            try:
+                async with asyncio.timeout(scheduler.settings.rescan_interval):
+                    await scheduler_wakeup.wait()
+            except TimeoutError:
+                pass
+            scheduler_wakeup.clear()
+
+    task = asyncio.create_task(discovery())
+    await stop.wait()
+    log.info("stopping")
+    task.cancel()
+    await scheduler.stop()
+    await runner.cleanup()
+    return 0

@@ -1,0 +1,206 @@
+"""Daemon settings: TOML (stdlib tomllib) validated into one frozen dataclass.
+
+Errors name the key and, when it can be found, its line: `config.toml:7: 'interval' ...`.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from qmpguard.targets import TargetError, parse_target
+
+DEFAULT_WATCH = ("/run/qemu/*.qmp", "/var/run/qemu-server/*.qmp")
+DEFAULT_LISTEN = "127.0.0.1:9464"
+
+
+class ConfigError(ValueError):
+    """An invalid configuration, with a one-line reason naming the key."""
+
+
+@dataclass(frozen=True)
+class StaticTarget:
+    """A target listed in the config: always inspected, hold = keep the monitor open."""
+
+    target: str
+    hold: bool = False
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the daemon needs to run."""
+
+    watch: tuple[str, ...] = DEFAULT_WATCH
+    targets: tuple[StaticTarget, ...] = ()
+    libvirt_uris: tuple[str, ...] = ()
+    hold_watched: bool = False
+    listen: str = DEFAULT_LISTEN
+    interval: float = 60.0
+    rescan_interval: float = 2.0
+    concurrency: int = 16
+    greeting_timeout: float = 2.0
+    command_timeout: float = 5.0
+    target_timeout: float = 20.0
+    token: str | None = field(default=None, repr=False)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @property
+    def listen_host_port(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+def _line_of(text: str, key: str) -> str:
+    for i, line in enumerate(text.splitlines(), 1):
+        if re.match(rf"\s*{re.escape(key)}\s*=", line):
+            return f"{i}:"
+    return ""
+
+
+def _positive(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ValueError(f"'{key}' must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _strings(value: Any, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"'{key}' must be a list of non-empty strings")
+    return tuple(value)
+
+
+def validate_listen(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[^:\s]+):\d{1,5}",
+                                                      value):
+        raise ValueError(f"'listen' must be HOST:PORT, got {value!r}")
+    if not 0 < int(value.rsplit(":", 1)[1]) < 65536:
+        raise ValueError(f"'listen' port out of range: {value!r}")
+    return value
+
+
+def settings_from_toml(text: str, origin: str = "config") -> Settings:
+    """Parse and validate a TOML document; ConfigError with key and line on any problem."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{origin}: not valid TOML: {exc}") from None
+    key = ""
+    try:
+        out: dict[str, Any] = {}
+        known = {"watch", "target", "libvirt_uris", "hold_watched", "listen", "interval",
+                 "rescan_interval", "concurrency", "timeouts", "http"}
+        for key in doc:
+            if key not in known:
+                raise ValueError(f"unknown key '{key}'")
+        for key, value in doc.items():
+            if key == "watch":
+                out["watch"] = _strings(value, key)
+            elif key == "libvirt_uris":
+                out["libvirt_uris"] = _strings(value, key)
+            elif key == "hold_watched":
+                if not isinstance(value, bool):
+                    raise ValueError("'hold_watched' must be true or false")
+                out["hold_watched"] = value
+            elif key == "listen":
+                out["listen"] = validate_listen(value)
+            elif key in ("interval", "rescan_interval"):
+                out[key] = _positive(value, key)
+            elif key == "concurrency":
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"'concurrency' must be a positive integer, got {value!r}")
+                out[key] = value
+            elif key == "target":
+                out["targets"] = tuple(_static_target(t) for t in _table_list(value, key))
+            elif key == "timeouts":
+                out.update(_timeouts(value))
+            elif key == "http":
+                out.update(_http(value))
+    except ValueError as exc:
+        where = _line_of(text, key)
+        raise ConfigError(f"{origin}:{where} {exc}") from None
+    return Settings(**out)
+
+
+def _table_list(value: Any, key: str) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ValueError(f"'{key}' must be an array of tables ([[{key}]])")
+    return value
+
+
+def _static_target(table: dict[str, Any]) -> StaticTarget:
+    unknown = set(table) - {"address", "hold"}
+    if unknown:
+        raise ValueError(f"[[target]] has unknown key(s) {sorted(unknown)}")
+    address, hold = table.get("address"), table.get("hold", False)
+    if not isinstance(address, str):
+        raise ValueError("[[target]] needs 'address' (a target string)")
+    try:
+        parse_target(address)
+    except TargetError as exc:
+        raise ValueError(f"[[target]] 'address': {exc}") from None
+    if not isinstance(hold, bool):
+        raise ValueError("[[target]] 'hold' must be true or false")
+    return StaticTarget(address, hold)
+
+
+def _timeouts(table: Any) -> dict[str, float]:
+    if not isinstance(table, dict):
+        raise ValueError("'timeouts' must be a table")
+    names = {"greeting": "greeting_timeout", "command": "command_timeout",
+             "target": "target_timeout"}
+    out = {}
+    for k, v in table.items():
+        if k not in names:
+            raise ValueError(f"unknown key 'timeouts.{k}'")
+        out[names[k]] = _positive(v, f"timeouts.{k}")
+    return out
+
+
+def _http(table: Any) -> dict[str, str]:
+    if not isinstance(table, dict):
+        raise ValueError("'http' must be a table")
+    out: dict[str, str] = {}
+    for k, v in table.items():
+        if k not in ("token_file", "tls_cert", "tls_key"):
+            raise ValueError(f"unknown key 'http.{k}'")
+        if not isinstance(v, str) or not v:
+            raise ValueError(f"'http.{k}' must be a path")
+        if k == "token_file":
+            try:
+                token = Path(v).read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"'http.token_file': cannot read {v}: {exc.strerror}") from None
+            if len(token) < 16:
+                raise ValueError("'http.token_file': token shorter than 16 characters")
+            out["token"] = token
+        else:
+            out[k] = v
+    if ("tls_cert" in out) != ("tls_key" in out):
+        raise ValueError("'http.tls_cert' and 'http.tls_key' go together")
+    return out
+
+
+def load_settings(path: str | None, overrides: dict[str, Any]) -> Settings:
+    """Settings from the file (if any), then command-line overrides on top."""
+    base = Settings()
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        base = settings_from_toml(text, path)
+    clean = {k: v for k, v in overrides.items() if v not in (None, [], ())}
+    try:
+        if "listen" in clean:
+            validate_listen(clean["listen"])
+        if "interval" in clean:
+            _positive(clean["interval"], "interval")
+        for t in clean.get("targets", ()):
+            parse_target(t.target)
+    except (ValueError, TargetError) as exc:
+        raise ConfigError(f"command line: {exc}") from None
+    return replace(base, **clean)
