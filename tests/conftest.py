@@ -136,6 +136,52 @@ async def setup_client(vm: QemuProcess) -> AsyncIterator[QMPClient]:
         await client.disconnect()
 
 
+#: QEMU version -> "evidence source (scenario)" -> outcomes seen ("concludes", "inconclusive")
+COMPAT: dict[str, dict[str, set[str]]] = {}
+ARTIFACTS = REPO / "tests" / "artifacts"
+COMPAT_START, COMPAT_END = "<!-- compat:start -->", "<!-- compat:end -->"
+
+
+def record_evidence(doc: dict[str, Any], scenario: str, vfio_only: bool = True) -> None:
+    """Note which order-evidence sources concluded for the (vfio) devices of a report."""
+    version = doc["qemu"]["version"] or "?"
+    for dev in doc["devices"]:
+        if dev["vfio"] or (not vfio_only and dev["id"]):
+            for e in dev["order"]["evidence"]:
+                if e["source"] == "cmdline" and "no cmdline" in scenario:
+                    continue
+                outcome = "concludes" if e["conclusion"] else "inconclusive"
+                COMPAT.setdefault(version, {}).setdefault(
+                    f"{e['source']} ({scenario})", set()).add(outcome)
+
+
+def compatibility_table() -> str:
+    versions = sorted(COMPAT)
+    rows = sorted({row for v in versions for row in COMPAT[v]})
+    lines = ["| evidence source (scenario) | " + " | ".join(f"QEMU {v}" for v in versions) + " |",
+             "|---|" + "---|" * len(versions)]
+    for row in rows:
+        cells = [" / ".join(sorted(COMPAT[v].get(row, {"-"}))) for v in versions]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def pytest_sessionfinish(session: Any) -> None:
+    """Write the compatibility table measured by this run (and into README on request)."""
+    if not COMPAT:
+        return
+    table = compatibility_table()
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "compatibility.md").write_text(table + "\n")
+    readme = REPO / "README.md"
+    if os.environ.get("QMPGUARD_UPDATE_README") == "1" and readme.exists():
+        text = readme.read_text()
+        head, sep, rest = text.partition(COMPAT_START)
+        _, sep2, tail = rest.partition(COMPAT_END)
+        if sep and sep2:
+            readme.write_text(f"{head}{COMPAT_START}\n{table}\n{COMPAT_END}{tail}")
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if AUDIT["vms"]:
         terminalreporter.write_line(

@@ -20,7 +20,7 @@ from qmpguard.qmp.transport import Timeouts
 from qmpguard.report.document import report_json, target_json
 from qmpguard.snapshot import load_snapshot
 from qmpguard.targets import parse_target
-from tests.conftest import QEMU_ARM, VmFactory, requires_qemu, setup_client
+from tests.conftest import QEMU_ARM, VmFactory, record_evidence, requires_qemu, setup_client
 from tests.scenarios import I440FX_PCI_BRIDGE, Q35_INTEL_TOPOLOGY
 
 pytestmark = [pytest.mark.integration, requires_qemu]
@@ -173,6 +173,7 @@ def test_arm_virt_smmuv3(qemu_vm: VmFactory) -> None:
                  "-device", "pcie-root-port,id=rp1,chassis=1",
                  "-device", "e1000e,id=nic1,bus=rp1", binary=QEMU_ARM)
     doc = run_check(vm.qmp_path)
+    record_evidence(doc, "ARM virt,iommu=smmuv3", vfio_only=False)
     assert [v["type"] for v in doc["viommus"]] == ["arm-smmuv3"]
     nic = by_id(doc)["nic1"]
     assert nic["expected"]["kind"] == "viommu"

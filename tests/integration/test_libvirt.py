@@ -17,7 +17,7 @@ import pytest
 from qmpguard.inspect import inspect_target
 from qmpguard.report.document import target_json
 from qmpguard.targets import parse_target
-from tests.conftest import audit_qmp_trace
+from tests.conftest import audit_qmp_trace, record_evidence
 
 libvirt = pytest.importorskip("libvirt")
 pytestmark = pytest.mark.integration
@@ -108,6 +108,7 @@ def check(name: str) -> dict[str, Any]:
 def test_libvirt_bindings_and_cmdline_evidence(libvirt_domain: Callable[..., str]) -> None:
     name = libvirt_domain(INTEL_WITH_BRIDGE)
     doc = check(name)
+    record_evidence(doc, "libvirt passthrough, JSON -device", vfio_only=False)
     assert [v["type"] for v in doc["viommus"]] == ["intel-iommu"]
     devs = {d["id"]: d for d in doc["devices"] if d["id"]}
     # libvirt names the pcie-to-pci-bridge's bus pci.2: both NICs behind it alias to it.

@@ -31,7 +31,7 @@ from qmpguard.demo.qemu_process import QemuProcess
 from qmpguard.inspect import analyse_snapshot, inspect_target
 from qmpguard.report.document import target_json
 from qmpguard.targets import parse_target
-from tests.conftest import VmFactory, requires_qemu, setup_client
+from tests.conftest import VmFactory, record_evidence, requires_qemu, setup_client
 
 pytestmark = [pytest.mark.integration, requires_qemu]
 
@@ -109,17 +109,23 @@ def wait_translation_on(run: Run, timeout: float = 30) -> None:
         time.sleep(0.02)  # bounded poll on a condition, not a fixed wait
 
 
-def check(run: Run) -> dict[str, Any]:
+def check(run: Run, scenario: str = "") -> dict[str, Any]:
     result = asyncio.run(inspect_target(parse_target(str(run.vm.qmp_path))))
     assert result.ok, result.error and result.error.message
-    return target_json(result)
+    doc = target_json(result)
+    if scenario:
+        record_evidence(doc, scenario)
+    return doc
 
 
-def check_without_cmdline(run: Run) -> dict[str, Any]:
+def check_without_cmdline(run: Run, scenario: str = "") -> dict[str, Any]:
     """Only QMP-visible evidence: the snapshot with the QEMU command line removed."""
     live = asyncio.run(inspect_target(parse_target(str(run.vm.qmp_path))))
     assert live.snapshot is not None
-    return target_json(analyse_snapshot(live.target, live.snapshot.without_cmdline()))
+    doc = target_json(analyse_snapshot(live.target, live.snapshot.without_cmdline()))
+    if scenario:
+        record_evidence(doc, scenario)
+    return doc
 
 
 def device(doc: dict[str, Any], dev_id: str) -> dict[str, Any]:
@@ -180,14 +186,14 @@ def test_intel_iommu_order(qemu_vm: VmFactory, tmp_path: Path, built: Built,
     assert nothing_mapped(run) if viommu_first else all_ram_mapped(run)
     assert accepted_silently(run)
     # (3) qmpguard's verdict
-    doc = check(run)
+    doc = check(run, "intel-iommu, guest translating")
     hostdev = device(doc, "hostdev0")
     assert hostdev["verdict"] == ("ok" if viommu_first else "misbound")
     assert codes(doc, "hostdev0") == ([] if viommu_first else ["QG001"])
     assert_consistent(run, doc, "hostdev0")
     # With translation on, every vtd space has its own flat view: creation order is lost,
     # so the QMP evidence alone must say unverified, never guess.
-    bare = check_without_cmdline(run)
+    bare = check_without_cmdline(run, "intel-iommu, guest translating, no cmdline")
     assert device(bare, "hostdev0")["verdict"] == "unverified"
     assert codes(bare, "hostdev0") == ["QG002"]
     as_order = next(e for e in device(bare, "hostdev0")["order"]["evidence"]
@@ -196,7 +202,7 @@ def test_intel_iommu_order(qemu_vm: VmFactory, tmp_path: Path, built: Built,
     # The same VM paused before firmware: the vtd spaces share one flat view and the
     # address-space order alone decides, rightly.
     paused = start(qemu_vm, tmp_path, built, devices, guest=False, name="paused")
-    bare = check_without_cmdline(paused)
+    bare = check_without_cmdline(paused, "intel-iommu, -S, no cmdline")
     assert device(bare, "hostdev0")["verdict"] == ("ok" if viommu_first else "misbound"), \
         device(bare, "hostdev0")["order"]
     as_order = next(e for e in device(bare, "hostdev0")["order"]["evidence"]
@@ -212,7 +218,7 @@ def test_virtio_iommu_order(qemu_vm: VmFactory, tmp_path: Path, built: Built,
     devices = [VIRTIO, dev, *nics] if viommu_first else [dev, VIRTIO, *nics]
     run = start(qemu_vm, tmp_path, built, devices, guest=False)
     assert nothing_mapped(run) if viommu_first else all_ram_mapped(run)
-    doc = check(run)
+    doc = check(run, "virtio-iommu-pci, -S")
     assert device(doc, "hostdev0")["verdict"] == ("ok" if viommu_first else "misbound")
     sources = {e["source"]: e["conclusion"]
                for e in device(doc, "hostdev0")["order"]["evidence"]}
@@ -279,7 +285,7 @@ def test_hotplugged_vfio_is_bound_correctly(qemu_vm: VmFactory, tmp_path: Path,
 
     asyncio.run(hotplug())
     assert nothing_mapped(run)  # 7.2 maps then unmaps; 10.0 never maps: both leave 0
-    doc = check_without_cmdline(run)
+    doc = check_without_cmdline(run, "hot-plugged vfio, no cmdline")
     hot = device(doc, "hot0")
     assert hot["verdict"] == "ok"
     assert hot["order"]["evidence"][0] == {
