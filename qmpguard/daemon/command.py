@@ -11,13 +11,8 @@ import sys
 from typing import Any
 
 import structlog
-from aiohttp import web
 
-from qmpguard.daemon.exporter import build_registry
-from qmpguard.daemon.results import ResultStore
 from qmpguard.daemon.settings import ConfigError, Settings, StaticTarget, load_settings
-from qmpguard.daemon.watch import Scheduler
-from qmpguard.daemon.web import build_app
 from qmpguard.logs import configure_logging
 
 log = structlog.get_logger("qmpguard.daemon")
@@ -65,6 +60,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    # Imported here: `qmpguard check` should not pay for aiohttp and prometheus_client.
+    from aiohttp import web
+
+    from qmpguard.daemon.exporter import build_registry
+    from qmpguard.daemon.results import ResultStore
+    from qmpguard.daemon.watch import Scheduler
+    from qmpguard.daemon.web import build_app
+
     store = ResultStore()
     registry, duration = build_registry(store)
     scheduler = Scheduler(settings, store, duration)
