@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from qmpguard.analysis.binding import ExpectedBinding, expected_binding
@@ -105,5 +105,6 @@ def analyze(snap: Snapshot) -> VmAnalysis:
                                       bdfs.get(path)))
     devices.sort(key=lambda d: (d.device.bus, d.device.devfn))
     vm = VmAnalysis(snap, topo, viommus, devices, [])
-    findings = [f for rule in RULES for f in rule(vm)]
+    version = f"QEMU {snap.qemu_version or 'version unknown'} ({snap.transport})"
+    findings = [replace(f, evidence=(*f.evidence, version)) for rule in RULES for f in rule(vm)]
     return VmAnalysis(snap, topo, viommus, devices, findings)

@@ -42,6 +42,7 @@ class VmRecord:
             "worst": worst_severity([self.result]) if self.result else None,
             "findings": sorted({f.code for f in findings}),
             "last_inspection": self.last_inspection,
+            "last_duration_seconds": self.last_duration,
         }
 
 

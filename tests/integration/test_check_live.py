@@ -60,8 +60,9 @@ def test_q35_intel_bindings_aliasing_bypass_and_virtio(qemu_vm: VmFactory) -> No
     assert devs["nic1"]["order"]["relative_to_viommu"] == "after"
     assert devs["nic1"]["order"]["evidence"][0]["source"] == "cmdline"
     # virtio: QG005 only for the translated one with iommu_platform off.
-    qg005 = [f["device"] for f in doc["findings"] if f["code"] == "QG005"]
-    assert qg005 == ["/machine/peripheral/vnoff"]
+    qg005 = [f for f in doc["findings"] if f["code"] == "QG005"]
+    assert [f["device"] for f in qg005] == ["/machine/peripheral/vnoff"]
+    assert qg005[0]["evidence"][-1] == f"QEMU {doc['qemu']['version']} (qmp-unix)"
     assert all(d["verdict"] == "n/a" for d in doc["devices"])  # no vfio here
     # -S: firmware has not numbered buses behind bridges.
     assert devs["nic1"]["bdf"] is None
