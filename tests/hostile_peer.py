@@ -12,6 +12,8 @@ import json
 import threading
 from pathlib import Path
 
+from tests.qmp_stream import QMPStreamReader
+
 GREETING = (json.dumps({"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0},
                                             "package": ""}, "capabilities": ["oob"]}})
             + "\r\n").encode()
@@ -77,14 +79,12 @@ class HostileFakeQMPPeer:
         finally:
             writer.close()
 
-    async def _next_id(self, reader: asyncio.StreamReader) -> object:
-        line = await reader.readline()
-        if not line:
-            raise ConnectionResetError
-        return json.loads(line).get("id")
+    async def _next_id(self, stream: QMPStreamReader) -> object:
+        return (await stream.next()).get("id")
 
     async def _behave(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         mode = self.mode
+        stream = QMPStreamReader(reader)
         if mode == "garbage":
             writer.write(bytes(range(256)) * 16)
             await writer.drain()
@@ -100,7 +100,7 @@ class HostileFakeQMPPeer:
         else:
             writer.write(GREETING)
         await writer.drain()
-        await self._next_id(reader)  # qmp_capabilities
+        await self._next_id(stream)  # qmp_capabilities
         writer.write(b'{"return": {}}\r\n')
         await writer.drain()
         if mode == "event-flood":
@@ -109,7 +109,7 @@ class HostileFakeQMPPeer:
             while True:
                 writer.write(event + b"\r\n")
                 await writer.drain()
-        cid = await self._next_id(reader)
+        cid = await self._next_id(stream)
         if mode == "huge-line":
             chunk = b"x" * (1 << 20)
             writer.write(b'{"return": "')
@@ -129,11 +129,11 @@ class HostileFakeQMPPeer:
             while True:
                 writer.write(json.dumps({"return": {}, "id": f"nobody-{cid}"}).encode() + b"\r\n")
                 await writer.drain()
-                cid = await self._next_id(reader)
+                cid = await self._next_id(stream)
         elif mode == "wrong-shapes":
             while True:
                 writer.write(json.dumps({"return": 42, "id": cid}).encode() + b"\r\n")
                 await writer.drain()
-                cid = await self._next_id(reader)
+                cid = await self._next_id(stream)
         await writer.drain()
         await asyncio.Event().wait()

@@ -218,6 +218,10 @@ async def open_session(
             async with asyncio.timeout(timeouts.greeting):
                 await client.connect(sock)
         except TimeoutError:
+            if client.greeting is not None:
+                raise InspectionError(
+                    "timeout", f"{target.address} greeted but did not answer "
+                    f"qmp_capabilities within {timeouts.greeting:g}s") from None
             raise InspectionError(
                 "busy",
                 f"monitor busy, held by another client: no QMP greeting from {target.address} "

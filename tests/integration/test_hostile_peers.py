@@ -27,6 +27,23 @@ def run_with_rss(args: list[str]) -> tuple[subprocess.CompletedProcess[str], int
     return subprocess.CompletedProcess(args, proc.returncode, out, err), peak
 
 
+#: The one-line reason each misbehaviour must produce (the failure it really causes).
+EXPECTED = {
+    "garbage": "not a QMP peer",
+    "invalid-json": "not a QMP peer",
+    "wrong-greeting": "not a QMP peer",
+    "no-greeting": "monitor busy",
+    "close-at-once": "closed the connection before the greeting",
+    "huge-line": "connection lost",
+    "deep-nesting": "connection lost",
+    "stall-mid-reply": "no reply within 2s",
+    "close-mid-reply": "connection lost",
+    "unknown-ids": "no reply within 2s",  # replies nobody asked for are not answers
+    "event-flood": "no reply within 2s",
+    "wrong-shapes": "info qtree is not in a known format",
+}
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_cli_survives_hostile_peer(tmp_path: Path, mode: str) -> None:
     sock = tmp_path / "hostile.qmp"
@@ -42,4 +59,5 @@ def test_cli_survives_hostile_peer(tmp_path: Path, mode: str) -> None:
     assert elapsed < 20
     findings = [line for line in proc.stdout.splitlines() if "QG100" in line]
     assert len(findings) == 1, proc.stdout  # exactly one one-line reason
+    assert EXPECTED[mode] in findings[0], findings[0]
     assert peak_kib < MEMORY_BOUND_KIB, f"peak RSS {peak_kib} KiB"
