@@ -262,3 +262,36 @@ def test_config_errors_exit_3_with_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 3
     assert proc.stderr.strip() == (f"qmpguard: error: {config}:3: 'interval' must be a "
                                    "positive number, got 'soon'")
+
+
+def test_socket_recreated_by_new_qemu_has_no_stale_verdicts(
+        qemu_vm: VmFactory, daemon: Callable[..., Daemon], tmp_path: Path,
+        fakevfio: Path) -> None:
+    first = misbound_vm(qemu_vm, tmp_path, fakevfio, "vm8")
+    name = f"unix:{first.qmp_path}"
+    d = daemon("--watch", str(tmp_path / "vm*[0-9].qmp"), "--interval", "30")
+    wait_for(lambda: d.vms().get(name, {}).get("findings") == ["QG001"], what="first VM")
+    first.stop()
+    qemu_vm(*BASE_VM, "-device", "e1000e,id=nic9", name="vm8")  # a new VM, same path
+    wait_for(lambda: any(dev["id"] == "nic9" for dev in d.vm(name).get("devices", [])),
+             what="the new VM inspected as new")
+    assert d.vms()[name]["findings"] == []
+    assert "QG001" not in d.metrics()
+
+
+def test_malformed_http_requests_get_4xx(daemon: Callable[..., Daemon]) -> None:
+    d = daemon("--watch", "/nonexistent/*.qmp")
+    requests = [
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n",
+        b"BREW /pot HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /metrics HTTP/9.9\r\n\r\n",
+        b"\x00\x01\x02 garbage\r\n\r\n",
+        b"POST /api/v1/vms HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n" + b"x" * 1000,
+    ]
+    for raw in requests:
+        with socket.create_connection(("127.0.0.1", d.port), timeout=5) as s:
+            s.sendall(raw)
+            status_line = s.recv(200).split(b"\r\n", 1)[0]
+        assert status_line.startswith(b"HTTP/1.") and status_line.split()[1][:1] == b"4", \
+            (raw[:40], status_line)
+    assert d.get("/healthz")[0] == 200
