@@ -102,6 +102,15 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
 
     scheduler_wakeup = asyncio.Event()
     loop.add_signal_handler(signal.SIGHUP, reload)
+    if settings.libvirt_uris:
+        # Domain started/stopped: rescan at once instead of waiting for the next poll.
+        from qmpguard.qmp.libvirt import LifecycleWatcher
+
+        def wake_from_libvirt_thread() -> None:
+            loop.call_soon_threadsafe(scheduler_wakeup.set)
+
+        watcher = LifecycleWatcher(settings.libvirt_uris, wake_from_libvirt_thread)
+        log.info("libvirt_events", enabled=watcher.start())
 
     async def discovery() -> None:
         while True:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Mapping
+import threading
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,3 +141,41 @@ def running_domains(uri: str) -> list[Target]:
         return [Target("libvirt", d.name(), uri) for d in sorted(doms, key=lambda d: d.name())]
     finally:
         conn.close()
+
+
+class LifecycleWatcher:
+    """Calls `on_change()` (from libvirt's event thread) when a domain starts or stops.
+
+    Uses libvirt's default event loop implementation in a daemon thread. If libvirt is
+    unreachable or events are unsupported, `start()` returns False and the caller polls.
+    """
+
+    def __init__(self, uris: tuple[str, ...], on_change: Callable[[], None]) -> None:
+        self.uris = uris
+        self.on_change = on_change
+        self._conns: list[Any] = []
+
+    def start(self) -> bool:
+        try:
+            libvirt, _ = _libvirt()
+        except InspectionError:
+            return False
+        try:
+            libvirt.virEventRegisterDefaultImpl()
+            threading.Thread(target=self._run, args=(libvirt,), daemon=True,
+                             name="libvirt-events").start()
+            for uri in self.uris:
+                conn = libvirt.open(uri)
+                conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+                                            self._event, None)
+                self._conns.append(conn)
+        except libvirt.libvirtError:
+            return False
+        return True
+
+    def _run(self, libvirt: Any) -> None:
+        while True:
+            libvirt.virEventRunDefaultImpl()
+
+    def _event(self, *_: Any) -> None:
+        self.on_change()

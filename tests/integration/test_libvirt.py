@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -151,3 +152,39 @@ def test_missing_domain_is_one_line() -> None:
     assert proc.returncode == 3
     assert "Traceback" not in proc.stdout + proc.stderr
     assert "no-such-dom" in proc.stdout
+
+
+def test_daemon_follows_domain_start_and_stop(libvirt_domain: Callable[..., str],
+                                              tmp_path: Path) -> None:
+    """With a 10-minute rescan, only libvirt's lifecycle events can make this fast."""
+    from tests.integration.test_daemon import Daemon, free_port, wait_for
+
+    config = tmp_path / "config.toml"
+    config.write_text('watch = []\nrescan_interval = 600\nlibvirt_uris = ["qemu:///system"]\n')
+    port = free_port()
+    log = open(tmp_path / "daemon.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "qmpguard", "daemon", "--config", str(config),
+                             "--listen", f"127.0.0.1:{port}"], stderr=log, text=True)
+    try:
+        d = Daemon(proc, port)
+
+        def listening() -> bool:
+            try:
+                return d.get("/healthz")[0] == 200
+            except OSError:
+                return False
+
+        wait_for(listening, what="daemon")
+        name = libvirt_domain(NO_VIOMMU)
+        started = time.monotonic()
+        wait_for(lambda: d.vms().get(f"libvirt:{name}", {}).get("status") == "ok",
+                 timeout=30, what="domain start seen")
+        assert time.monotonic() - started < 30
+        conn = _connect()
+        conn.lookupByName(name).destroy()
+        conn.close()
+        wait_for(lambda: f"libvirt:{name}" not in d.vms(), timeout=30, what="domain stop seen")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+        log.close()
