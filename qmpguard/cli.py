@@ -16,6 +16,7 @@ from qmpguard.qmp.libvirt import running_domains
 from qmpguard.qmp.transport import InspectionError, Timeouts
 from qmpguard.report.document import EXIT_UNKNOWN, exit_code, report_json
 from qmpguard.report.table import render_report
+from qmpguard.report.tree import render_tree
 from qmpguard.snapshot import SnapshotError, load_snapshot, write_json_atomically
 from qmpguard.targets import TargetError, parse_target
 
@@ -63,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("targets", nargs="*", metavar="TARGET")
     check.add_argument("--snapshot", action="append", default=[], metavar="FILE",
                        help="analyse a saved snapshot instead of a live VM (repeatable)")
-    check.add_argument("--format", choices=["table", "json"], default="table")
+    check.add_argument("--format", choices=["table", "json", "tree"], default="table",
+                       help="table (default), json (qmpguard.report/1), or tree (the PCI "
+                       "topology with DMA spaces; colour on a TTY unless NO_COLOR is set)")
     check.add_argument("--concurrency", type=int, default=16, metavar="N")
     check.add_argument("--libvirt-all", action="store_true",
                        help="also check every running libvirt domain")
@@ -116,6 +119,8 @@ def cmd_check(args: argparse.Namespace) -> int:
                                             args.timeout))
     if args.format == "json":
         print(json.dumps(report_json(results), indent=2))
+    elif args.format == "tree":
+        print(render_tree(results), end="")
     else:
         print(render_report(results), end="")
     return exit_code(results)
