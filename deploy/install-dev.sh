@@ -15,6 +15,7 @@ PACKAGES=(
   prometheus                        # promtool validates deploy/ alerting rules
   libvirt-daemon-system libvirt-clients  # a real libvirtd for the libvirt tests
   libvirt-dev pkg-config            # to build libvirt-python (qmpguard[libvirt])
+  chromium chromium-driver          # headless browser test of the daemon's topology page
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

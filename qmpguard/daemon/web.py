@@ -15,6 +15,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from qmpguard.daemon.page import vm_page
 from qmpguard.daemon.results import ResultStore
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -52,6 +53,12 @@ def build_app(
             return web.json_response({"error": "no such VM"}, status=404)
         return web.json_response(doc)
 
+    async def page(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in store.vms:
+            return web.Response(status=404, text="no such VM\n")
+        return web.Response(text=vm_page(name, store.vms[name].result), content_type="text/html")
+
     async def index(_: web.Request) -> web.Response:
         return web.Response(text=status_page(store), content_type="text/html")
 
@@ -64,6 +71,7 @@ def build_app(
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/v1/vms", vms)
     app.router.add_get("/api/v1/vms/{name:.+}", vm)
+    app.router.add_get("/vms/{name:.+}", page)
     app.router.add_get("/", index)
     return app
 
@@ -78,7 +86,7 @@ def status_page(store: ResultStore) -> str:
         age = f"{time.time() - s['last_inspection']:.0f}s ago" if s["last_inspection"] else "-"
         detail = html.escape(s["error"] or ", ".join(s["findings"]) or "no findings")
         rows.append(
-            f"<tr class='{html.escape(worst)}'><td><a href='/api/v1/vms/{quote(name, safe='')}'>"
+            f"<tr class='{html.escape(worst)}'><td><a href='/vms/{quote(name, safe='')}'>"
             f"{html.escape(name)}</a></td><td>{state}</td><td>{html.escape(worst)}</td>"
             f"<td>{detail}</td><td>{age}</td></tr>")
     body = "\n".join(rows) or "<tr><td colspan=5>no VMs found yet</td></tr>"
