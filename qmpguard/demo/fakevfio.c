@@ -176,57 +176,53 @@ static int emulated_open(const char *path)
     return new_object(GROUP, (int)group);
 }
 
+/* The mode argument exists only with O_CREAT or O_TMPFILE. */
+#define MODE_FROM(flags, mode)                       \
+    do {                                             \
+        if ((flags) & (O_CREAT | O_TMPFILE)) {       \
+            va_list ap;                              \
+            va_start(ap, flags);                     \
+            mode = va_arg(ap, mode_t);               \
+            va_end(ap);                              \
+        }                                            \
+    } while (0)
+
 int open(const char *path, int flags, ...)
 {
     mode_t mode = 0;
-    va_list ap;
     int fd;
 
     resolve();
     if ((fd = emulated_open(path)) != -2) {
         return fd;
     }
-    if (flags & (O_CREAT | O_TMPFILE)) {
-        va_start(ap, flags);
-        mode = va_arg(ap, mode_t);
-        va_end(ap);
-    }
+    MODE_FROM(flags, mode);
     return real_open(path, flags, mode);
 }
 
 int open64(const char *path, int flags, ...)
 {
     mode_t mode = 0;
-    va_list ap;
     int fd;
 
     resolve();
     if ((fd = emulated_open(path)) != -2) {
         return fd;
     }
-    if (flags & (O_CREAT | O_TMPFILE)) {
-        va_start(ap, flags);
-        mode = va_arg(ap, mode_t);
-        va_end(ap);
-    }
+    MODE_FROM(flags, mode);
     return real_open64(path, flags, mode);
 }
 
 int openat(int dirfd, const char *path, int flags, ...)
 {
     mode_t mode = 0;
-    va_list ap;
     int fd;
 
     resolve();
     if ((fd = emulated_open(path)) != -2) {
         return fd;
     }
-    if (flags & (O_CREAT | O_TMPFILE)) {
-        va_start(ap, flags);
-        mode = va_arg(ap, mode_t);
-        va_end(ap);
-    }
+    MODE_FROM(flags, mode);
     return real_openat(dirfd, path, flags, mode);
 }
 

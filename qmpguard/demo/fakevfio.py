@@ -14,22 +14,27 @@ _LOG_LINE = re.compile(
     r"(map|unmap) c=(\d+) iova=0x([0-9a-f]+) size=0x([0-9a-f]+)(?: vaddr=0x[0-9a-f]+)?")
 
 
-def build_emulation(cache_dir: Path) -> Path:
-    """Compile fakevfio.c to a shared object (cached by source hash); return its path."""
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source).hexdigest()[:16]
-    out = cache_dir / f"fakevfio-{digest}.so"
+def _build_cached(source: Path, cache_dir: Path, stem: str, suffix: str,
+                  flags: list[str]) -> Path:
+    """Compile `source` with gcc into cache_dir, named by a hash of the source; reuse it."""
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+    out = cache_dir / f"{stem}-{digest}{suffix}"
     if out.exists():
         return out
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".{os.getpid()}.tmp")
-    proc = subprocess.run(
-        ["gcc", "-O2", "-Wall", "-Wextra", "-shared", "-fPIC", "-o", str(tmp), str(SOURCE),
-         "-ldl"], capture_output=True, text=True, check=False)
+    proc = subprocess.run(["gcc", *flags, "-o", str(tmp), str(source)],
+                          capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"building the VFIO emulation failed: {proc.stderr.strip()}")
+        raise RuntimeError(f"building {source.name} failed: {proc.stderr.strip()}")
     tmp.replace(out)
     return out
+
+
+def build_emulation(cache_dir: Path) -> Path:
+    """The LD_PRELOAD library built from fakevfio.c."""
+    return _build_cached(SOURCE, cache_dir, "fakevfio", ".so",
+                         ["-O2", "-Wall", "-Wextra", "-shared", "-fPIC", "-ldl"])
 
 
 @dataclass(frozen=True)
@@ -92,18 +97,8 @@ GUEST_SOURCE = Path(__file__).with_name("vtd_guest.S")
 
 
 def build_vtd_guest(cache_dir: Path) -> Path:
-    """Assemble the multiboot guest that enables VT-d translation (cached by source hash)."""
-    source = GUEST_SOURCE.read_bytes()
-    out = cache_dir / f"vtd-guest-{hashlib.sha256(source).hexdigest()[:16]}.elf"
-    if out.exists():
-        return out
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(f".{os.getpid()}.tmp")
-    proc = subprocess.run(
-        ["gcc", "-m32", "-nostdlib", "-static", "-ffreestanding", "-Wl,-Ttext=0x100000",
-         "-Wl,--build-id=none", "-Wl,-e,_start", "-Wl,-z,max-page-size=0x1000",
-         "-o", str(tmp), str(GUEST_SOURCE)], capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"building the VT-d guest failed: {proc.stderr.strip()}")
-    tmp.replace(out)
-    return out
+    """The multiboot guest that enables VT-d translation, built from vtd_guest.S."""
+    return _build_cached(GUEST_SOURCE, cache_dir, "vtd-guest", ".elf",
+                         ["-m32", "-nostdlib", "-static", "-ffreestanding",
+                          "-Wl,-Ttext=0x100000", "-Wl,--build-id=none", "-Wl,-e,_start",
+                          "-Wl,-z,max-page-size=0x1000"])
