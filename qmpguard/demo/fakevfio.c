@@ -8,9 +8,10 @@
  *   /dev/vfio/vfio       a type1v2 container: API version, extensions, SET_IOMMU,
  *                        IOMMU_GET_INFO, MAP_DMA / UNMAP_DMA (logged, see below)
  *   /dev/vfio/<group>    a viable group: GET_STATUS, SET/UNSET_CONTAINER, GET_DEVICE_FD
- *   device fd            a plain PCI endpoint: 256 bytes of config space (pread/pwrite
- *                        at the config region offset), one 4 KiB memory BAR0 without
- *                        the mmap flag (reads zero, writes ignored), INTx pin A, reset
+ *   device fd            a plain PCIe endpoint: 256 bytes of config space (pread/pwrite
+ *                        at the config region offset) with a PCI Express capability
+ *                        (v2, endpoint), one 4 KiB memory BAR0 without the mmap flag
+ *                        (reads zero, writes ignored), INTx pin A, reset
  * QEMU finds the group from DIR/iommu_group (a symlink whose last component is the
  * group number; QEMU 7.2 and 10.0 only readlink it).
  *
@@ -264,6 +265,10 @@ static void device_init(struct object *dev)
     c[0x0e] = 0x00;                          /* header type 0, single function */
     c[0x10] = 0x00;                          /* BAR0: 32-bit memory, non-prefetchable */
     c[0x3d] = 0x01;                          /* interrupt pin A */
+    c[0x06] = 0x10;                          /* status: capability list */
+    c[0x34] = 0x40;                          /* first capability */
+    c[0x40] = 0x10;                          /* PCI Express capability, last in the list */
+    c[0x42] = 0x02;                          /* version 2, device/port type 0: endpoint */
 }
 
 static void config_write(struct object *dev, size_t off, const uint8_t *buf, size_t len)
@@ -271,8 +276,9 @@ static void config_write(struct object *dev, size_t off, const uint8_t *buf, siz
     for (size_t i = 0; i < len && off + i < CONFIG_SIZE; i++) {
         size_t at = off + i;
         uint8_t v = buf[i];
-        if (at < 0x04 || (at >= 0x08 && at < 0x0c) || at == 0x0e || at == 0x3d) {
-            continue;                            /* read-only identity */
+        if (at < 0x04 || (at >= 0x06 && at < 0x0c) || at == 0x0e || at == 0x34 ||
+            at == 0x3d || (at >= 0x40 && at < 0x48)) {
+            continue;                            /* read-only: identity, status, caps */
         }
         if (at >= 0x10 && at < 0x14) {          /* BAR0: size-aligned address only */
             uint32_t mask = ~(uint32_t)(BAR0_SIZE - 1);
