@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -77,8 +78,19 @@ def demo_passed(results: list[TargetResult]) -> bool:
     return verdicts == {"good-vm": "ok", "bad-vm": "misbound"}
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run_demo(fmt: str = "table", keep: bool = False) -> int:
-    """Build the emulation, start the VMs, check them, stop them. 0 if the demo worked."""
+    """Build the emulation, start the VMs, check them, stop them. 0 if the demo worked.
+
+    Ctrl-C, SIGTERM and SIGHUP all stop the VMs (SIGINT is re-armed: a shell may start
+    background jobs with it ignored).
+    """
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)
     cache = Path(tempfile.gettempdir()) / "qmpguard-demo-cache"
     so_path = build_emulation(cache)
     vms: list[QemuProcess] = []

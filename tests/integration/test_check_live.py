@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -268,3 +269,24 @@ def test_tcp_target_without_cmdline(qemu_vm: VmFactory) -> None:
     assert nic["expected"]["requester"] == {"bus": "/machine/q35/pcie.0", "devfn": "01.0"}
     assert nic["order"]["evidence"][0]["detail"] == (
         "QEMU command line not available (not a local socket)")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_demo_stops_its_vms_on_signal(sig: int) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "qmpguard", "demo", "--keep"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()  # printed once the VMs are up
+        assert "VMs running" in line, line
+        sockets = [Path(p.strip()) for p in line.split(":", 1)[1].split(",")]
+        assert all(s.exists() for s in sockets)
+        proc.send_signal(sig)
+        assert proc.wait(timeout=30) == 3  # interrupted: UNKNOWN
+        assert not any(s.exists() for s in sockets)
+        assert not Path(sockets[0]).parent.exists()  # temporary directory removed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
