@@ -16,6 +16,7 @@ PACKAGES=(
   libvirt-daemon-system libvirt-clients  # a real libvirtd for the libvirt tests
   libvirt-dev pkg-config            # to build libvirt-python (qmpguard[libvirt])
   chromium chromium-driver          # headless browser test of the daemon's topology page
+  openssl                           # a throwaway certificate for the daemon TLS test
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

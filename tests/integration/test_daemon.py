@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -295,3 +297,34 @@ def test_malformed_http_requests_get_4xx(daemon: Callable[..., Daemon]) -> None:
         assert status_line.startswith(b"HTTP/1.") and status_line.split()[1][:1] == b"4", \
             (raw[:40], status_line)
     assert d.get("/healthz")[0] == 200
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not installed")
+def test_tls(daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    config = tmp_path / "config.toml"
+    config.write_text(f'watch = []\n[http]\ntls_cert = "{cert}"\ntls_key = "{key}"\n')
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "qmpguard", "daemon", "--config", str(config),
+                             "--listen", f"127.0.0.1:{port}"], stderr=subprocess.DEVNULL)
+    try:
+        ctx = ssl.create_default_context(cafile=str(cert))
+
+        def https_ok() -> bool:
+            try:
+                with urllib.request.urlopen(f"https://127.0.0.1:{port}/healthz", context=ctx,
+                                            timeout=5) as resp:
+                    return resp.status == 200
+            except OSError:
+                assert proc.poll() is None
+                return False
+
+        wait_for(https_ok, what="TLS listener")
+        with pytest.raises(OSError):  # plain HTTP is not served on a TLS port
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).read()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
