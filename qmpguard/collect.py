@@ -13,24 +13,9 @@ from typing import Any
 
 from qmpguard import qemu_types as T
 from qmpguard.analysis.qtree import type_facts
+from qmpguard.qemu_types import HMP_MTREE, HMP_QTREE, child_type, link_type
 from qmpguard.qmp.transport import CommandFailed, InspectionError, Session
 from qmpguard.snapshot import Snapshot
-
-HMP_MTREE = "info mtree -f"
-HMP_QTREE = "info qtree"
-
-
-def child_type(entry_type: str) -> str | None:
-    """'child<e1000e>' -> 'e1000e'; 'link<...>' and others -> None."""
-    if entry_type.startswith("child<") and entry_type.endswith(">"):
-        return entry_type[6:-1]
-    return None
-
-
-def link_type(entry_type: str) -> str | None:
-    if entry_type.startswith("link<") and entry_type.endswith(">"):
-        return entry_type[5:-1]
-    return None
 
 
 class _Recorder:
@@ -61,12 +46,6 @@ def _names(reply: Any) -> list[tuple[str, str]]:
         for e in reply
         if isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("type"), str)
     ]
-
-
-def _type_names(reply: Any) -> set[str]:
-    if not isinstance(reply, list):
-        return set()
-    return {e["name"] for e in reply if isinstance(e, dict) and isinstance(e.get("name"), str)}
 
 
 async def collect(session: Session) -> Snapshot:

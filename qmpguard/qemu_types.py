@@ -1,6 +1,24 @@
-"""QOM type names qmpguard relies on, in one place (checked against QEMU 7.2 and 10.0)."""
+"""QOM names and HMP lines qmpguard relies on, in one place (checked on QEMU 7.2 and 10.0)."""
 
 from __future__ import annotations
+
+#: The two HMP reads: address spaces by flat view, and the qdev tree (type facts).
+HMP_MTREE = "info mtree -f"
+HMP_QTREE = "info qtree"
+
+
+def child_type(entry_type: str) -> str | None:
+    """qom-list entry type 'child<e1000e>' -> 'e1000e'; anything else -> None."""
+    if entry_type.startswith("child<") and entry_type.endswith(">"):
+        return entry_type[6:-1]
+    return None
+
+
+def link_type(entry_type: str) -> str | None:
+    """qom-list entry type 'link<e1000e>' -> 'e1000e'; anything else -> None."""
+    if entry_type.startswith("link<") and entry_type.endswith(">"):
+        return entry_type[5:-1]
+    return None
 
 #: vIOMMU device types -> kind. Sysbus ones cover the machine's main root bus;
 #: PCI ones (virtio-iommu-pci, riscv-iommu-pci) cover the bus they sit on.

@@ -17,7 +17,7 @@ from qmpguard.analysis.mtree import AddressSpaceEntry, IommuSpace, viommu_spaces
 from qmpguard.analysis.shape import qom_list
 from qmpguard.analysis.topology import PciDevice, Topology, format_devfn
 from qmpguard.analysis.viommu import VIommu
-from qmpguard.collect import child_type
+from qmpguard.qemu_types import child_type
 from qmpguard.snapshot import Snapshot
 
 Relative = Literal["before", "after", "unknown"]

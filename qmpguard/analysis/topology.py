@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from qmpguard import qemu_types as T
 from qmpguard.analysis.qtree import type_facts
 from qmpguard.analysis.shape import ReplyShapeError, qom_get, qom_list
-from qmpguard.collect import HMP_QTREE, child_type, link_type
+from qmpguard.qemu_types import HMP_QTREE, child_type, link_type
 from qmpguard.snapshot import Snapshot
 
 _CHILD_INDEX = re.compile(r"child\[(\d+)\]")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from qmpguard import qemu_types as T
 from qmpguard.analysis.shape import qom_get, qom_list
 from qmpguard.analysis.topology import Topology
-from qmpguard.collect import child_type
+from qmpguard.qemu_types import child_type
 from qmpguard.snapshot import Snapshot
 
 

@@ -11,7 +11,7 @@ from qmpguard.analysis.mtree import parse_mtree_f
 from qmpguard.analysis.order import OrderEvidence, order_context, order_of
 from qmpguard.analysis.topology import PciDevice, Topology, build_topology
 from qmpguard.analysis.viommu import VIommu, find_viommus
-from qmpguard.collect import HMP_MTREE
+from qmpguard.qemu_types import HMP_MTREE
 from qmpguard.snapshot import Snapshot
 
 Verdict = Literal["ok", "misbound", "unverified", "n/a"]

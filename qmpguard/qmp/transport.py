@@ -12,7 +12,7 @@ import os
 import socket
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from qemu.qmp import ExecuteError, QMPClient
@@ -123,7 +123,6 @@ class QMPSession:
     client: QMPClient
     peer: PeerProcess | None = None
     commands_sent: int = 0
-    sent_log: list[str] = field(default_factory=list)
 
     async def execute(self, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
         """Send one allow-listed command; return its `return` value.
