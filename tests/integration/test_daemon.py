@@ -22,7 +22,9 @@ from urllib.parse import quote
 
 import pytest
 from qemu.qmp import QMPClient
+from qemu.qmp.message import Message
 
+from qmpguard.daemon.watch import PokeListener
 from qmpguard.demo.fakevfio import (
     VfioDeviceSpec,
     build_emulation,
@@ -30,8 +32,11 @@ from qmpguard.demo.fakevfio import (
     emulation_env,
 )
 from qmpguard.demo.qemu_process import QemuProcess
+from qmpguard.inspect import inspect_target
+from qmpguard.qmp.transport import Timeouts
+from qmpguard.targets import parse_target
 from tests.conftest import VmFactory, requires_qemu, setup_client
-from tests.hostile_peer import HostileFakeQMPPeer
+from tests.hostile_peer import MODES, HostileFakeQMPPeer
 
 pytestmark = [pytest.mark.integration, requires_qemu]
 BASE_VM = ("-S", "-M", "q35,kernel-irqchip=split", "-m", "64",
@@ -182,10 +187,14 @@ def test_hotplug_is_reflected(qemu_vm: VmFactory, daemon: Callable[..., Daemon],
 
 def test_busy_and_hostile_peers_do_not_stall_healthy_vms(
         qemu_vm: VmFactory, daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    """Every HostileFakeQMPPeer misbehaviour at once, plus a busy monitor, next to a healthy
+    VM: the healthy one keeps its schedule, each bad one is down with a reason."""
     healthy = qemu_vm(*BASE_VM, name="vm3")
     busy = qemu_vm(*BASE_VM, name="vm4")
-    with HostileFakeQMPPeer(tmp_path / "vm5.qmp", "stall-mid-reply"), \
-            HostileFakeQMPPeer(tmp_path / "vm6.qmp", "no-greeting"):
+    hostile = {mode: tmp_path / f"vm{10 + i}.qmp" for i, mode in enumerate(MODES)}
+    with contextlib.ExitStack() as stack:
+        for mode, path in hostile.items():
+            stack.enter_context(HostileFakeQMPPeer(path, mode))
 
         async def scenario() -> None:
             holder = QMPClient("holder")  # another client holds vm4's only monitor
@@ -204,17 +213,52 @@ def test_busy_and_hostile_peers_do_not_stall_healthy_vms(
             # hostile peers stall for their whole timeouts.
             wait_for(lambda: d.vms()[ok_name]["last_inspection"] > first + 1.5, timeout=10,
                      what="healthy VM re-inspected on schedule")
+            bad = [f"unix:{busy.qmp_path}", *(f"unix:{p}" for p in hostile.values())]
             vms = wait_for(lambda: (v := d.vms()) and all(
-                v.get(f"unix:{tmp_path / n}.qmp", {}).get("status") == "error"
-                for n in ("vm4", "vm5", "vm6")) and v, what="the others reported down")
+                v.get(n, {}).get("status") == "error" for n in bad) and v,
+                timeout=30, what="every bad peer reported down")
             assert "monitor busy" in vms[f"unix:{busy.qmp_path}"]["error"]
-            assert vms[f"unix:{tmp_path / 'vm5.qmp'}"]["error"]  # stalls: down, with a reason
+            assert all(vms[n]["error"] and "\n" not in vms[n]["error"] for n in bad)
+            assert d.vms()[ok_name]["up"]
             metrics = d.metrics()
             assert f'qmpguard_vm_up{{vm="unix:{busy.qmp_path}"}} 0.0' in metrics
             assert f'qmpguard_inspection_errors_total{{reason="busy",vm="unix:{busy.qmp_path}"}}' \
                 in metrics
 
         asyncio.run(scenario())
+
+
+def test_held_monitor_stays_open_and_reinspects(qemu_vm: VmFactory,
+                                                daemon: Callable[..., Daemon],
+                                                tmp_path: Path) -> None:
+    """hold = true: the daemon keeps the monitor (others find it busy) and re-inspects."""
+    vm = qemu_vm(*BASE_VM, name="held1")
+    config = tmp_path / "held.toml"
+    config.write_text(f'watch = []\ninterval = 1\n[[target]]\naddress = "unix:{vm.qmp_path}"\n'
+                      "hold = true\n")
+    d = daemon("--config", str(config))
+    name = f"unix:{vm.qmp_path}"
+    wait_for(lambda: d.vms().get(name, {}).get("status") == "ok", what="held VM")
+    first = d.vms()[name]["last_inspection"]
+    wait_for(lambda: d.vms()[name]["last_inspection"] > first, what="re-inspection")
+    other = asyncio.run(inspect_target(parse_target(str(vm.qmp_path)),
+                                       Timeouts(greeting=0.5), overall=5))
+    assert other.error is not None and other.error.reason == "busy"
+
+
+def test_device_events_wake_a_held_inspection() -> None:
+    poke = asyncio.Event()
+    listener = PokeListener(poke)
+
+    async def feed(event: str) -> bool:
+        poke.clear()
+        await listener.put(Message({"event": event, "data": {},
+                                    "timestamp": {"seconds": 0, "microseconds": 0}}))
+        return poke.is_set()
+
+    assert asyncio.run(feed("DEVICE_DELETED"))
+    assert not asyncio.run(feed("RTC_CHANGE"))
+    assert listener._queue.qsize() == 0  # stores nothing: a flood costs no memory
 
 
 def test_sighup_reload_and_sigterm(qemu_vm: VmFactory, daemon: Callable[..., Daemon],
