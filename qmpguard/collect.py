@@ -1,7 +1,9 @@
 """Collection: the few targeted QMP queries that produce a Snapshot.
 
-Never a full QOM walk: only the containers, host bridges, PCI buses, the devices on
-them and vIOMMUs are read, concurrently (qemu.qmp pipelines concurrent commands).
+Never a QOM walk: `info qtree` gives every device with its type, id, addr and buses in
+one read; QOM paths follow from ids (see analysis/locate.py). Per-device reads are only
+the `child[N]` links of anonymous devices and `hotplugged` where the command line cannot
+vouch for a device. Concurrent reads are pipelined by qemu.qmp.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from qmpguard import qemu_types as T
-from qmpguard.analysis.qtree import type_facts
-from qmpguard.qemu_types import HMP_MTREE, HMP_QTREE, child_type, link_type
+from qmpguard.analysis.cmdline import parse_cmdline
+from qmpguard.analysis.locate import locate
+from qmpguard.analysis.shape import ReplyShapeError
+from qmpguard.qemu_types import HMP_MTREE, HMP_QTREE, child_type
 from qmpguard.qmp.transport import CommandFailed, InspectionError, Session
 from qmpguard.snapshot import Snapshot
 
@@ -48,8 +52,12 @@ def _names(reply: Any) -> list[tuple[str, str]]:
     ]
 
 
+#: Rounds of link reads for anonymous devices: one per level of anonymous bridges.
+MAX_LINK_ROUNDS = 16
+
+
 async def collect(session: Session) -> Snapshot:
-    """Read one VM into a Snapshot."""
+    """Read one VM into a Snapshot: ~15 bulk reads, then only what `info qtree` lacks."""
     started = time.perf_counter()
     snap = Snapshot(
         target=session.target.name,
@@ -62,7 +70,7 @@ async def collect(session: Session) -> Snapshot:
         )
     q = _Recorder(session, snap)
 
-    (version, _cmds, qtree, *rest) = await asyncio.gather(
+    version, *_ = await asyncio.gather(
         q("query-version"),
         q("query-commands"),
         q("human-monitor-command", **{"command-line": HMP_QTREE}),
@@ -77,68 +85,29 @@ async def collect(session: Session) -> Snapshot:
         qv = version.get("qemu", {})
         if isinstance(qv, dict):
             snap.qemu_version = f"{qv.get('major')}.{qv.get('minor')}.{qv.get('micro')}"
-    facts = type_facts(qtree)
-    if facts is None:
-        raise InspectionError("bad-reply", "info qtree is not in a known format")
-    containers = rest[1 : 1 + len(T.OBJECT_CONTAINERS)]
-    bus_types, bridge_types, virtio_types = facts.pci_bus, facts.bridge, facts.virtio_pci
-
-    hosts: list[str] = []
-    viommus: list[tuple[str, str]] = []
-    for base, reply in zip(T.OBJECT_CONTAINERS, containers, strict=True):
-        for name, etype in _names(reply):
-            ctype = child_type(etype)
-            if ctype is None:
-                continue
-            path = f"{base}/{name}"
-            if ctype in facts.host_bridge:
-                hosts.append(path)
-            elif ctype in T.VIOMMU_TYPES and ctype not in T.PCI_VIOMMU_TYPES:
-                viommus.append((path, ctype))
-
-    seen_buses: set[str] = set()
-
-    async def read_bus(bus: str) -> None:
-        if bus in seen_buses:
-            return
-        seen_buses.add(bus)
-        listing = _names(await q("qom-list", path=bus))
-        links = [(n, link_type(t)) for n, t in listing if n.startswith("child[")]
-        await asyncio.gather(*(read_device(bus, n, t) for n, t in links if t))
-
-    async def read_device(bus: str, link: str, dtype: str) -> None:
-        path = await q("qom-get", path=bus, property=link)
-        if not isinstance(path, str) or not path.startswith("/"):
-            return
-        jobs = [q("qom-get", path=path, property="addr")]
-        if path.startswith("/machine/peripheral"):  # built-in devices are never hot-plugged
-            jobs.append(q("qom-get", path=path, property="hotplugged"))
-        if dtype in virtio_types:
-            jobs.append(q("qom-get", path=f"{path}/virtio-backend", property="iommu_platform"))
-        if dtype in bridge_types:
-            jobs.append(q("qom-list", path=path))
-        results = await asyncio.gather(*jobs)
-        if dtype in bridge_types:
-            children = [
-                f"{path}/{n}" for n, t in _names(results[-1]) if child_type(t) in bus_types
-            ]
-            await asyncio.gather(*(read_bus(b) for b in children))
-
-    async def read_host(host: str) -> None:
-        listing, _ = await asyncio.gather(
-            q("qom-list", path=host), q("qom-get", path=host, property="bypass-iommu")
-        )
-        roots = [f"{host}/{n}" for n, t in _names(listing) if child_type(t) in bus_types]
-        await asyncio.gather(*(read_bus(b) for b in roots))
-
-    async def read_viommu(path: str, vtype: str) -> None:
-        props = ["hotplugged", "caching-mode", "primary-bus", "dma-translation"]
-        await asyncio.gather(*(q("qom-get", path=path, property=p) for p in props))
-
-    await asyncio.gather(
-        *(read_host(h) for h in hosts),
-        *(read_viommu(p, t) for p, t in viommus),
-    )
+    try:
+        for _ in range(MAX_LINK_ROUNDS):  # anonymous devices: resolve their child[N] links
+            loc = locate(snap)
+            if not loc.missing:
+                break
+            await asyncio.gather(*(q(cmd, **args) for cmd, args in loc.missing))
+    except ReplyShapeError as exc:
+        raise InspectionError("bad-reply", f"unexpected QMP data: {exc}") from None
+    cli_ids = ({d.id for d in parse_cmdline(snap.cmdline).devices if d.id}
+               if snap.cmdline else set())
+    reads = []
+    for path, dev in loc.devices.items():
+        on_cmdline = dev.qdev.id and dev.qdev.id in cli_ids and path.endswith(f"/{dev.qdev.id}")
+        order_matters = loc.facts.is_vfio(dev.qdev.type) or dev.qdev.type in T.VIOMMU_TYPES
+        if path.startswith("/machine/peripheral") and (order_matters or not on_cmdline):
+            reads.append(q("qom-get", path=path, property="hotplugged"))
+    for container in T.OBJECT_CONTAINERS:  # sysbus vIOMMUs: their properties
+        for name, etype in _names(snap.get_or([], "qom-list", path=container)):
+            vtype = child_type(etype)
+            if vtype in T.VIOMMU_TYPES and vtype not in T.PCI_VIOMMU_TYPES:
+                reads += [q("qom-get", path=f"{container}/{name}", property=p)
+                          for p in ("hotplugged", "caching-mode", "primary-bus")]
+    await asyncio.gather(*reads)
     snap.timings = {
         "collect_s": round(time.perf_counter() - started, 6),
         "commands": session.commands_sent,

@@ -9,29 +9,16 @@ the devices that exist, as printed here.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
 _BUS = re.compile(r"( *)bus: (.*)")
 _TYPE = re.compile(r" *type (.*)")
 _DEV = re.compile(r'( *)dev: ([^,]+), id "(.*)"')
-_ADDR = re.compile(r" *addr = [0-9a-f]{2}\.[0-7]\b")
 
 #: Bus types known to be PCI (kept for buses with no device on them yet).
 KNOWN_PCI_BUSES = frozenset({"PCI", "PCIE", "pxb-bus", "pxb-pcie-bus", "pxb-cxl-bus", "CXL"})
-
-
-@dataclass
-class _Bus:
-    type: str = ""
-    devices: list[_Dev] = field(default_factory=list)
-
-
-@dataclass
-class _Dev:
-    type: str
-    buses: list[_Bus] = field(default_factory=list)
-    has_pci_addr: bool = False
 
 
 @dataclass(frozen=True)
@@ -49,47 +36,20 @@ class TypeFacts:
         return dtype.startswith("vfio") and dtype != "vfio-pci-igd-lpc-bridge"
 
 
-def _parse(text: str) -> list[_Bus]:
-    roots: list[_Bus] = []
-    stack: list[tuple[int, _Bus | _Dev]] = []
-    for line in text.splitlines():
-        if m := _BUS.fullmatch(line):
-            depth, bus = len(m.group(1)), _Bus()
-            while stack and stack[-1][0] >= depth:
-                stack.pop()
-            parent = stack[-1][1] if stack else None
-            if isinstance(parent, _Dev):
-                parent.buses.append(bus)
-            elif parent is None:
-                roots.append(bus)
-            stack.append((depth, bus))
-        elif (m := _DEV.fullmatch(line)) is not None:
-            depth, dev = len(m.group(1)), _Dev(m.group(2))
-            while stack and stack[-1][0] >= depth:
-                stack.pop()
-            if stack and isinstance(stack[-1][1], _Bus):
-                stack[-1][1].devices.append(dev)
-            stack.append((depth, dev))
-        elif stack and (m := _TYPE.fullmatch(line)) and isinstance(stack[-1][1], _Bus):
-            stack[-1][1].type = m.group(1)
-        elif stack and isinstance(stack[-1][1], _Dev) and _ADDR.match(line):
-            stack[-1][1].has_pci_addr = True
-    return roots
-
-
 def type_facts(text: object) -> TypeFacts | None:
     """Type facts from `info qtree` output; None if it is not in a known format."""
-    if not isinstance(text, str) or "bus: main-system-bus" not in text:
+    root = parse_device_tree(text)
+    if root is None:
         return None
-    buses: list[_Bus] = []
-    todo = _parse(text)
+    buses: list[QtreeBus] = []
+    todo = [root]
     while todo:
         bus = todo.pop()
         buses.append(bus)
         for dev in bus.devices:
             todo.extend(dev.buses)
     pci_bus = set(KNOWN_PCI_BUSES)
-    pci_bus |= {b.type for b in buses if any(d.has_pci_addr for d in b.devices)}
+    pci_bus |= {b.type for b in buses if any(d.devfn is not None for d in b.devices)}
     express = {t for t in pci_bus if "pcie" in t.lower() or "cxl" in t.lower()}
     host: set[str] = set()
     bridge: set[str] = set()
@@ -103,3 +63,83 @@ def type_facts(text: object) -> TypeFacts | None:
                 virtio.add(dev.type)
     return TypeFacts(frozenset(pci_bus), frozenset(express), frozenset(host),
                      frozenset(bridge), frozenset(virtio))
+
+
+# ------------------------------------------------------------------ device tree
+
+_PROP = re.compile(r" *([A-Za-z0-9_-]+) = (.*)")
+
+
+@dataclass
+class QtreeDevice:
+    """A device as `info qtree` prints it."""
+
+    type: str
+    id: str
+    props: dict[str, str] = field(default_factory=dict)
+    buses: list[QtreeBus] = field(default_factory=list)
+
+    @property
+    def devfn(self) -> int | None:
+        m = re.fullmatch(r"([0-9a-f]{2})\.([0-7])", self.props.get("addr", ""))
+        return (int(m.group(1), 16) << 3) | int(m.group(2)) if m else None
+
+    @property
+    def iommu_platform(self) -> bool | None:
+        """From the virtio backend below a virtio-pci proxy."""
+        for bus in self.buses:
+            for dev in bus.devices:
+                value = dev.props.get("iommu_platform")
+                if value in ("true", "false"):
+                    return value == "true"
+        return None
+
+
+@dataclass
+class QtreeBus:
+    """A bus; `devices` in creation order (qtree prints the newest first)."""
+
+    name: str
+    type: str = ""
+    devices: list[QtreeDevice] = field(default_factory=list)
+
+
+def parse_device_tree(text: object) -> QtreeBus | None:
+    """The sysbus root of `info qtree`, children in creation order; None if unknown format.
+
+    Parsed once per distinct text (the collector and the analysis both ask); treat the
+    result as read-only.
+    """
+    if not isinstance(text, str) or not text.startswith("bus: main-system-bus"):
+        return None
+    return _parse_cached(text)
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_cached(text: str) -> QtreeBus | None:
+    root: QtreeBus | None = None
+    stack: list[tuple[int, QtreeBus | QtreeDevice]] = []
+    for line in text.splitlines():
+        if m := _BUS.fullmatch(line):
+            depth = len(m.group(1))
+            bus = QtreeBus(m.group(2))
+            while stack and stack[-1][0] >= depth:
+                stack.pop()
+            if stack and isinstance(stack[-1][1], QtreeDevice):
+                stack[-1][1].buses.append(bus)
+            elif root is None:
+                root = bus
+            stack.append((depth, bus))
+        elif (m := _DEV.fullmatch(line)) is not None:
+            depth = len(m.group(1))
+            dev = QtreeDevice(m.group(2), m.group(3))
+            while stack and stack[-1][0] >= depth:
+                stack.pop()
+            if stack and isinstance(stack[-1][1], QtreeBus):
+                stack[-1][1].devices.insert(0, dev)  # printed newest first
+            stack.append((depth, dev))
+        elif stack and (m := _TYPE.fullmatch(line)) and isinstance(stack[-1][1], QtreeBus):
+            stack[-1][1].type = m.group(1)
+        elif stack and isinstance(stack[-1][1], QtreeDevice) and (p := _PROP.fullmatch(line)):
+            stack[-1][1].props[p.group(1)] = p.group(2).strip('"')
+    return root

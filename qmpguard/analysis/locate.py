@@ -1,0 +1,177 @@
+"""Where every PCI bus and device of `info qtree` lives in the QOM tree.
+
+`info qtree` (one command) shows every device with its type, id, `addr` and buses; QOM
+paths are derived from it: a named device is /machine/peripheral/<id>, a bus is
+<owner's path>/<bus name>, a host bridge is matched to its container entry by type and
+creation order. Only anonymous devices need QOM reads: their bus's `child[N]` links.
+`locate` is pure: it returns what it could place and the reads still missing, so the
+collector can ask for exactly those and the analysis can replay them from a snapshot.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from qmpguard import qemu_types as T
+from qmpguard.analysis.qtree import QtreeBus, QtreeDevice, TypeFacts, parse_device_tree, type_facts
+from qmpguard.analysis.shape import ReplyShapeError, qom_list
+from qmpguard.qemu_types import HMP_QTREE, child_type, link_type
+from qmpguard.snapshot import Snapshot
+
+PERIPHERAL = "/machine/peripheral/"
+Read = tuple[str, dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class LocatedBus:
+    path: str
+    qbus: QtreeBus
+    owner: str
+    root: bool
+    bypass_iommu: bool
+    parent_device: str | None
+
+
+@dataclass(frozen=True)
+class LocatedDevice:
+    path: str
+    qdev: QtreeDevice
+    bus: str
+    creation_index: int
+
+
+@dataclass
+class Location:
+    """Buses and devices placed so far, and the QOM reads that would place the rest."""
+
+    facts: TypeFacts
+    main_root: str | None = None
+    buses: dict[str, LocatedBus] = field(default_factory=dict)
+    devices: dict[str, LocatedDevice] = field(default_factory=dict)
+    missing: list[Read] = field(default_factory=list)
+
+
+def _index(path: str) -> int:
+    m = re.search(r"\[(\d+)\]$", path)
+    return int(m.group(1)) if m else -1
+
+
+def _host_candidates(snap: Snapshot, host_types: frozenset[str]) -> dict[str, list[str]]:
+    """Container entries per host type, in creation order (/machine's own first)."""
+    out: dict[str, list[str]] = {}
+    for container in T.OBJECT_CONTAINERS:
+        entries = []
+        for name, etype in qom_list(snap, container):
+            ctype = child_type(etype)
+            if ctype in host_types:
+                entries.append((ctype, f"{container}/{name}"))
+        for ctype, path in sorted(entries, key=lambda e: _index(e[1])):
+            out.setdefault(ctype, []).append(path)
+    return out
+
+
+def locate(snap: Snapshot) -> Location:
+    """Place qtree's PCI buses and devices at their QOM paths (pure)."""
+    text = snap.get_or(None, "human-monitor-command", **{"command-line": HMP_QTREE})
+    facts, root = type_facts(text), parse_device_tree(text)
+    if facts is None or root is None:
+        raise ReplyShapeError("info qtree missing or not in a known format")
+    loc = Location(facts)
+    peripheral = {f"{PERIPHERAL}{n}": child_type(t) for n, t in qom_list(snap, PERIPHERAL[:-1])}
+    candidates = _host_candidates(snap, facts.host_bridge)
+    queue: list[tuple[str, QtreeBus, str, bool, bool, str | None]] = []
+    pxb_roots: list[tuple[str, str]] = []  # (bus path, bus name) of expander roots
+    for host in root.devices:  # creation order
+        pci = [b for b in host.buses if b.type in facts.pci_bus]
+        if not pci:
+            continue
+        paths = candidates.get(host.type, [])
+        if not paths:
+            raise ReplyShapeError(f"host bridge {host.type} not found in QOM")
+        host_path = paths.pop(0)
+        bypass = host.props.get("bypass-iommu") == "true"
+        for bus in pci:
+            path = f"{host_path}/{bus.name}"
+            queue.append((path, bus, host_path, True, bypass, None))
+            if host.type.startswith("pxb"):
+                pxb_roots.append((path, bus.name))
+            elif loc.main_root is None:
+                loc.main_root = path
+    # An expander's root bus hangs off a host object; QEMU sets its parent_dev to the pxb
+    # device. Named pxbs name their bus after their id; anonymous ones pair up in order.
+    pxb_ids = {d.id for d in _all_devices(root) if d.type in T.PXB_TYPES and d.id}
+    named_pxb = {n: p for p, n in pxb_roots if n in pxb_ids}
+    anonymous_pxb = [p for p, n in pxb_roots if n not in pxb_ids]
+    parents: dict[str, str] = {}
+    while queue:
+        path, qbus, owner, is_root, bypass, parent = queue.pop(0)
+        parent = parents.get(path, parent)
+        loc.buses[path] = LocatedBus(path, qbus, owner, is_root, bypass, parent)
+        listing = None
+        for index, qdev in enumerate(qbus.devices):
+            dev_path = f"{PERIPHERAL}{qdev.id}" if qdev.id else None
+            if dev_path is not None and peripheral.get(dev_path) != qdev.type:
+                dev_path = None  # an id QOM does not confirm: resolve through the link
+            if dev_path is None:
+                if listing is None:
+                    listing = _links(snap, path, loc)
+                if listing is None:
+                    continue
+                dev_path = _resolve_link(snap, path, listing, index, qdev, loc)
+                if dev_path is None:
+                    continue
+            loc.devices[dev_path] = LocatedDevice(dev_path, qdev, path, index)
+            for child in qdev.buses:
+                if child.type in facts.pci_bus:
+                    queue.append((f"{dev_path}/{child.name}", child, dev_path, False, False,
+                                  dev_path))
+            if qdev.type in T.PXB_TYPES:
+                target = named_pxb.get(qdev.id) if qdev.id else (
+                    anonymous_pxb.pop(0) if anonymous_pxb else None)
+                if target is not None:
+                    parents[target] = dev_path
+                    if target in loc.buses:
+                        b = loc.buses[target]
+                        loc.buses[target] = LocatedBus(b.path, b.qbus, b.owner, b.root,
+                                                       b.bypass_iommu, dev_path)
+    return loc
+
+
+def _all_devices(bus: QtreeBus) -> list[QtreeDevice]:
+    out = []
+    for dev in bus.devices:
+        out.append(dev)
+        for child in dev.buses:
+            out += _all_devices(child)
+    return out
+
+
+def _links(snap: Snapshot, bus: str, loc: Location) -> list[tuple[int, str]] | None:
+    """child[N] links of a bus as (N, type), in creation order; None (and a read) if unread."""
+    reply = snap.get_or(None, "qom-list", path=bus)
+    if reply is None:
+        loc.missing.append(("qom-list", {"path": bus}))
+        return None
+    out = []
+    for name, etype in qom_list(snap, bus):
+        m = re.fullmatch(r"child\[(\d+)\]", name)
+        ltype = link_type(etype)
+        if m and ltype:
+            out.append((int(m.group(1)), ltype))
+    return sorted(out)
+
+
+def _resolve_link(snap: Snapshot, bus: str, links: list[tuple[int, str]], index: int,
+                  qdev: QtreeDevice, loc: Location) -> str | None:
+    if index >= len(links) or links[index][1] != qdev.type:
+        raise ReplyShapeError(f"{bus}: qtree and QOM disagree on device {index} ({qdev.type})")
+    prop = f"child[{links[index][0]}]"
+    value = snap.get_or(None, "qom-get", path=bus, property=prop)
+    if value is None:
+        loc.missing.append(("qom-get", {"path": bus, "property": prop}))
+        return None
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ReplyShapeError(f"qom-get {bus} {prop}: link is not a path")
+    return value
