@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 from qmpguard import qemu_types as T
@@ -12,7 +11,6 @@ from qmpguard.analysis.shape import ReplyShapeError, qom_get, qom_list
 from qmpguard.qemu_types import child_type
 from qmpguard.snapshot import Snapshot
 
-_CHILD_INDEX = re.compile(r"child\[(\d+)\]")
 _PERIPHERAL = "/machine/peripheral/"
 
 
@@ -95,11 +93,6 @@ def _device_id(path: str) -> str | None:
     if path.startswith(_PERIPHERAL) and "/" not in path[len(_PERIPHERAL):]:
         return path[len(_PERIPHERAL):]
     return None
-
-
-def _index_in_path(path: str) -> int:
-    m = re.search(r"\[(\d+)\][^\[]*$", path)
-    return int(m.group(1)) if m else -1
 
 
 def _machine_type(snap: Snapshot) -> str | None:
