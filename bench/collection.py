@@ -39,13 +39,18 @@ def vm_args(total_pci: int) -> list[str]:
     ids as libvirt gives them (anonymous devices cost qmpguard two QOM reads each)."""
     args = ["-S", "-M", "q35", "-m", "64", "-device", "intel-iommu,caching-mode=on"]
     pairs = (total_pci - BUILTIN_PCI) // 2
-    kinds = ["virtio-net-pci,disable-legacy=on,iommu_platform=on", "e1000e",
-             "virtio-blk-pci,disable-legacy=on,iommu_platform=on,drive=d{n}"]
+    kinds = [
+        "virtio-net-pci,disable-legacy=on,iommu_platform=on",
+        "e1000e",
+        "virtio-blk-pci,disable-legacy=on,iommu_platform=on,drive=d{n}",
+    ]
     for n in range(pairs):
         slot, fn = 2 + n // 8, n % 8
         mf = ",multifunction=on" if fn == 0 else ""
-        args += ["-device", f"pcie-root-port,id=rp{n},chassis={n + 1},bus=pcie.0,"
-                            f"addr={slot:x}.{fn}{mf}"]
+        args += [
+            "-device",
+            f"pcie-root-port,id=rp{n},chassis={n + 1},bus=pcie.0,addr={slot:x}.{fn}{mf}",
+        ]
         kind = kinds[n % 3].format(n=n)
         if kind.startswith("virtio-blk"):
             args += ["-drive", f"if=none,id=d{n},driver=null-co,read-zeroes=on"]
@@ -100,8 +105,12 @@ async def qmpguard_once(path: str) -> tuple[int, float, int]:
 
 def check_process(path: str) -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "qmpguard", "check", path],
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    subprocess.run(
+        [sys.executable, "-m", "qmpguard", "check", path],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=False,
+    )
     return time.perf_counter() - start
 
 
@@ -125,13 +134,17 @@ def main() -> None:
                 rows.append((devices, cmds, ours, walk_cmds, walk_s, tree_cmds, tree_s, proc))
             finally:
                 vm.stop()
-    print("| PCI devices | qmpguard cmds | qmpguard (collect+analyse) | qom-list walk cmds "
-          "| walk time | walk / qmpguard | qom tree cmds | qom tree time | `check` process "
-          "| qom tree / process |")
+    print(
+        "| PCI devices | qmpguard cmds | qmpguard (collect+analyse) | qom-list walk cmds "
+        "| walk time | walk / qmpguard | qom tree cmds | qom tree time | `check` process "
+        "| qom tree / process |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for d, c, o, wc, ws, tc, ts, p in rows:
-        print(f"| {d} | {c} | {o * 1000:.1f} ms | {wc} | {ws * 1000:.0f} ms | {ws / o:.1f}x "
-              f"| {tc} | {ts:.2f} s | {p * 1000:.0f} ms | {ts / p:.1f}x |")
+        print(
+            f"| {d} | {c} | {o * 1000:.1f} ms | {wc} | {ws * 1000:.0f} ms | {ws / o:.1f}x "
+            f"| {tc} | {ts:.2f} s | {p * 1000:.0f} ms | {ts / p:.1f}x |"
+        )
 
 
 if __name__ == "__main__":

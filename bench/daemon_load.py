@@ -35,11 +35,25 @@ from qmpguard.snapshot import reply_key
 from qmpguard.targets import parse_target
 from tests.qmp_stream import QMPStreamReader
 
-VM_ARGS = ["-S", "-M", "q35", "-m", "32", "-device", "intel-iommu,caching-mode=on",
-           "-device", "pcie-root-port,id=rp1,chassis=1", "-device", "e1000e,id=nic1,bus=rp1",
-           "-device", "virtio-net-pci,disable-legacy=on,iommu_platform=on"]
-GREETING = b'{"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 22}, ' \
-           b'"package": ""}, "capabilities": ["oob"]}}\r\n'
+VM_ARGS = [
+    "-S",
+    "-M",
+    "q35",
+    "-m",
+    "32",
+    "-device",
+    "intel-iommu,caching-mode=on",
+    "-device",
+    "pcie-root-port,id=rp1,chassis=1",
+    "-device",
+    "e1000e,id=nic1,bus=rp1",
+    "-device",
+    "virtio-net-pci,disable-legacy=on,iommu_platform=on",
+]
+GREETING = (
+    b'{"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 22}, '
+    b'"package": ""}, "capabilities": ["oob"]}}\r\n'
+)
 
 
 class ReplayFakeQMPPeer:
@@ -54,10 +68,12 @@ class ReplayFakeQMPPeer:
     def serve(self, path: Path, mode: str) -> None:
         async def start() -> None:
             await asyncio.start_unix_server(lambda r, w: self._client(r, w, mode), str(path))
+
         asyncio.run_coroutine_threadsafe(start(), self.loop).result(10)
 
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      mode: str) -> None:
+    async def _client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, mode: str
+    ) -> None:
         try:
             if mode == "no-greeting":
                 await asyncio.Event().wait()
@@ -73,9 +89,14 @@ class ReplayFakeQMPPeer:
                     writer.write(b'{"return": {"par')
                     await writer.drain()
                     await asyncio.Event().wait()
-                reply = {"return": {}} if cmd == "qmp_capabilities" else self.replies.get(
-                    reply_key(cmd, args),
-                    {"error": {"class": "GenericError", "desc": "not recorded"}})
+                reply = (
+                    {"return": {}}
+                    if cmd == "qmp_capabilities"
+                    else self.replies.get(
+                        reply_key(cmd, args),
+                        {"error": {"class": "GenericError", "desc": "not recorded"}},
+                    )
+                )
                 if "id" in msg:
                     reply = {**reply, "id": msg["id"]}
                 writer.write(json.dumps(reply).encode() + b"\r\n")
@@ -119,20 +140,36 @@ def main() -> None:
             modes = ["stall", "no-greeting", "garbage"]
             for i in range(o.targets - o.real):
                 bad = i < o.bad
-                peer.serve(d / f"{'bad' if bad else 'fake'}{i:03d}.qmp",
-                           modes[i % 3] if bad else "replay")
+                peer.serve(
+                    d / f"{'bad' if bad else 'fake'}{i:03d}.qmp", modes[i % 3] if bad else "replay"
+                )
             port = free_port()
             daemon = subprocess.Popen(
-                [sys.executable, "-m", "qmpguard", "daemon", "--watch", f"{d}/*.qmp",
-                 "--listen", f"127.0.0.1:{port}", "--interval", str(o.interval),
-                 "--log-format", "json"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                [
+                    sys.executable,
+                    "-m",
+                    "qmpguard",
+                    "daemon",
+                    "--watch",
+                    f"{d}/*.qmp",
+                    "--listen",
+                    f"127.0.0.1:{port}",
+                    "--interval",
+                    str(o.interval),
+                    "--log-format",
+                    "json",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             try:
                 deadline = time.monotonic() + 120
                 while True:  # every target inspected at least once
                     try:
                         vms_seen = get(port, "/api/v1/vms")
-                        if len(vms_seen) == o.targets and all(v["status"] != "pending"
-                                                              for v in vms_seen):
+                        if len(vms_seen) == o.targets and all(
+                            v["status"] != "pending" for v in vms_seen
+                        ):
                             break
                     except OSError:
                         pass
@@ -157,12 +194,14 @@ def main() -> None:
     durations = sorted(v["last_duration_seconds"] for v in healthy)
     p99 = durations[min(len(durations) - 1, int(len(durations) * 0.99))]
     per_cycle = (cpu1 - cpu0) / ((t1 - t0) / o.interval)
-    print(f"| targets | real QEMU | replay fakes | misbehaving | healthy up | down |"
-          f" CPU per cycle | share of one core at 60 s | p50 inspection | p99 inspection |\n"
-          f"|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
-          f"| {o.targets} | {o.real} | {o.targets - o.real - o.bad} | {o.bad} | {len(healthy)} |"
-          f" {len(down)} | {per_cycle:.2f} s | {100 * per_cycle / 60:.1f} % |"
-          f" {statistics.median(durations) * 1000:.0f} ms | {p99 * 1000:.0f} ms |")
+    print(
+        f"| targets | real QEMU | replay fakes | misbehaving | healthy up | down |"
+        f" CPU per cycle | share of one core at 60 s | p50 inspection | p99 inspection |\n"
+        f"|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        f"| {o.targets} | {o.real} | {o.targets - o.real - o.bad} | {o.bad} | {len(healthy)} |"
+        f" {len(down)} | {per_cycle:.2f} s | {100 * per_cycle / 60:.1f} % |"
+        f" {statistics.median(durations) * 1000:.0f} ms | {p99 * 1000:.0f} ms |"
+    )
 
 
 if __name__ == "__main__":

@@ -44,34 +44,72 @@ class _Parser(argparse.ArgumentParser):
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-format", choices=["auto", "console", "json"], default="auto")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
-    p.add_argument("--greeting-timeout", type=float, default=2.0, metavar="S",
-                   help="seconds to wait for the QMP greeting (default 2)")
-    p.add_argument("--command-timeout", type=float, default=5.0, metavar="S",
-                   help="seconds to wait for each reply (default 5)")
-    p.add_argument("--timeout", type=float, default=20.0, metavar="S",
-                   help="seconds for one whole target (default 20)")
+    p.add_argument(
+        "--greeting-timeout",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="seconds to wait for the QMP greeting (default 2)",
+    )
+    p.add_argument(
+        "--command-timeout",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="seconds to wait for each reply (default 5)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=20.0,
+        metavar="S",
+        help="seconds for one whole target (default 20)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="qmpguard", description=__doc__ and "qmpguard: find vfio devices "
-                     "whose DMA bypasses the guest's vIOMMU (read-only QMP inspection)",
-                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(
+        prog="qmpguard",
+        description=__doc__
+        and "qmpguard: find vfio devices "
+        "whose DMA bypasses the guest's vIOMMU (read-only QMP inspection)",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"qmpguard {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    check = sub.add_parser("check", help="inspect VMs and report", epilog=EPILOG,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    check = sub.add_parser(
+        "check",
+        help="inspect VMs and report",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     check.add_argument("targets", nargs="*", metavar="TARGET")
-    check.add_argument("--snapshot", action="append", default=[], metavar="FILE",
-                       help="analyse a saved snapshot instead of a live VM (repeatable)")
-    check.add_argument("--format", choices=["table", "json", "tree"], default="table",
-                       help="table (default), json (qmpguard.report/1), or tree (the PCI "
-                       "topology with DMA spaces; colour on a TTY unless NO_COLOR is set)")
+    check.add_argument(
+        "--snapshot",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="analyse a saved snapshot instead of a live VM (repeatable)",
+    )
+    check.add_argument(
+        "--format",
+        choices=["table", "json", "tree"],
+        default="table",
+        help="table (default), json (qmpguard.report/1), or tree (the PCI "
+        "topology with DMA spaces; colour on a TTY unless NO_COLOR is set)",
+    )
     check.add_argument("--concurrency", type=int, default=16, metavar="N")
-    check.add_argument("--libvirt-all", action="store_true",
-                       help="also check every running libvirt domain")
-    check.add_argument("--libvirt-uri", default="qemu:///system", metavar="URI",
-                       help="libvirt connection for --libvirt-all (default qemu:///system)")
+    check.add_argument(
+        "--libvirt-all", action="store_true", help="also check every running libvirt domain"
+    )
+    check.add_argument(
+        "--libvirt-uri",
+        default="qemu:///system",
+        metavar="URI",
+        help="libvirt connection for --libvirt-all (default qemu:///system)",
+    )
     _common(check)
 
     snap = sub.add_parser("snapshot", help="save the raw facts of one VM as JSON")
@@ -95,8 +133,7 @@ def _timeouts(args: argparse.Namespace) -> Timeouts:
 
 def cmd_check(args: argparse.Namespace) -> int:
     if not args.targets and not args.snapshot and not args.libvirt_all:
-        print("qmpguard: error: give a TARGET, --snapshot FILE or --libvirt-all",
-              file=sys.stderr)
+        print("qmpguard: error: give a TARGET, --snapshot FILE or --libvirt-all", file=sys.stderr)
         return EXIT_UNKNOWN
     try:
         targets = [parse_target(t) for t in args.targets]
@@ -110,13 +147,15 @@ def cmd_check(args: argparse.Namespace) -> int:
         try:
             snap = load_snapshot(path)
         except SnapshotError as exc:
-            results.append(TargetResult(path, None, None, InspectionError("bad-snapshot",
-                                                                          str(exc))))
+            results.append(
+                TargetResult(path, None, None, InspectionError("bad-snapshot", str(exc)))
+            )
             continue
         results.append(analyse_snapshot(snap.target, snap))
     if targets:
-        results += asyncio.run(inspect_many(targets, args.concurrency, _timeouts(args),
-                                            args.timeout))
+        results += asyncio.run(
+            inspect_many(targets, args.concurrency, _timeouts(args), args.timeout)
+        )
     if args.format == "json":
         print(json.dumps(report_json(results), indent=2))
     elif args.format == "tree":
@@ -137,8 +176,11 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"qmpguard: error: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
         return EXIT_UNKNOWN
-    print(f"wrote {args.output} ({len(snap.replies)} replies, "
-          f"{snap.timings.get('collect_s', 0):.3f}s)", file=sys.stderr)
+    print(
+        f"wrote {args.output} ({len(snap.replies)} replies, "
+        f"{snap.timings.get('collect_s', 0):.3f}s)",
+        file=sys.stderr,
+    )
     return 0
 
 

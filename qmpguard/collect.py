@@ -66,7 +66,9 @@ async def collect(session: Session) -> Snapshot:
     )
     if session.peer is not None:
         snap.pid, snap.cmdline, snap.cmdline_error = (
-            session.peer.pid, session.peer.cmdline, session.peer.error,
+            session.peer.pid,
+            session.peer.cmdline,
+            session.peer.error,
         )
     q = _Recorder(session, snap)
 
@@ -93,8 +95,7 @@ async def collect(session: Session) -> Snapshot:
             await asyncio.gather(*(q(cmd, **args) for cmd, args in loc.missing))
     except ReplyShapeError as exc:
         raise InspectionError("bad-reply", f"unexpected QMP data: {exc}") from None
-    cli_ids = ({d.id for d in parse_cmdline(snap.cmdline).devices if d.id}
-               if snap.cmdline else set())
+    cli_ids = {d.id for d in parse_cmdline(snap.cmdline).devices if d.id} if snap.cmdline else set()
     reads = []
     for path, dev in loc.devices.items():
         on_cmdline = dev.qdev.id and dev.qdev.id in cli_ids and path.endswith(f"/{dev.qdev.id}")
@@ -105,8 +106,10 @@ async def collect(session: Session) -> Snapshot:
         for name, etype in _names(snap.get_or([], "qom-list", path=container)):
             vtype = child_type(etype)
             if vtype in T.VIOMMU_TYPES and vtype not in T.PCI_VIOMMU_TYPES:
-                reads += [q("qom-get", path=f"{container}/{name}", property=p)
-                          for p in ("hotplugged", "caching-mode", "primary-bus")]
+                reads += [
+                    q("qom-get", path=f"{container}/{name}", property=p)
+                    for p in ("hotplugged", "caching-mode", "primary-bus")
+                ]
     await asyncio.gather(*reads)
     snap.timings = {
         "collect_s": round(time.perf_counter() - started, 6),

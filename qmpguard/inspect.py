@@ -75,8 +75,10 @@ async def inspect_target(
 
 
 async def inspect_many(
-    targets: Iterable[Target], concurrency: int = 16,
-    timeouts: Timeouts | None = None, overall: float = TARGET_TIMEOUT_S,
+    targets: Iterable[Target],
+    concurrency: int = 16,
+    timeouts: Timeouts | None = None,
+    overall: float = TARGET_TIMEOUT_S,
 ) -> list[TargetResult]:
     """Inspect targets concurrently, at most `concurrency` at a time, results in input order."""
     gate = asyncio.Semaphore(max(1, concurrency))

@@ -8,8 +8,9 @@ import sys
 import structlog
 
 
-def configure_logging(fmt: str = "auto", verbose: bool = False,
-                      level: int = logging.WARNING) -> None:
+def configure_logging(
+    fmt: str = "auto", verbose: bool = False, level: int = logging.WARNING
+) -> None:
     """Route structlog (and stdlib logging, e.g. qemu.qmp's) to stderr.
 
     One-shot commands log warnings and up; the daemon passes INFO (state changes).
@@ -18,7 +19,8 @@ def configure_logging(fmt: str = "auto", verbose: bool = False,
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
     renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer() if fmt == "json"
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
     structlog.configure(

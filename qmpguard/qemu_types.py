@@ -20,6 +20,7 @@ def link_type(entry_type: str) -> str | None:
         return entry_type[5:-1]
     return None
 
+
 #: vIOMMU device types -> kind. Sysbus ones cover the machine's main root bus;
 #: PCI ones (virtio-iommu-pci, riscv-iommu-pci) cover the bus they sit on.
 VIOMMU_TYPES: dict[str, str] = {

@@ -109,8 +109,7 @@ def snapshot_from_json(doc: Any) -> Snapshot:
     pid, cmdline, perr = proc.get("pid"), proc.get("cmdline"), proc.get("error")
     _expect(pid is None or (isinstance(pid, int) and not isinstance(pid, bool)), "bad pid")
     _expect(
-        cmdline is None
-        or (isinstance(cmdline, list) and all(isinstance(a, str) for a in cmdline)),
+        cmdline is None or (isinstance(cmdline, list) and all(isinstance(a, str) for a in cmdline)),
         "'process.cmdline' is not a list of strings",
     )
     _expect(perr is None or isinstance(perr, str), "'process.error' is not a string")
@@ -119,8 +118,13 @@ def snapshot_from_json(doc: Any) -> Snapshot:
     replies_in = doc.get("replies")
     _expect(isinstance(replies_in, list), "'replies' is not a list")
     snap = Snapshot(
-        target=doc["target"], transport=doc["transport"], collected_at=doc["collected_at"],
-        qemu_version=version, pid=pid, cmdline=cmdline, cmdline_error=perr,
+        target=doc["target"],
+        transport=doc["transport"],
+        collected_at=doc["collected_at"],
+        qemu_version=version,
+        pid=pid,
+        cmdline=cmdline,
+        cmdline_error=perr,
         timings=timings,
     )
     for i, item in enumerate(replies_in):

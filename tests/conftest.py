@@ -71,8 +71,9 @@ def audit_qmp_trace(trace: Path) -> list[str]:
                 entries.append((m.group(1), json.loads(m.group(2))))
             except json.JSONDecodeError:
                 entries.append((m.group(1), {"execute": f"<unparsable: {m.group(2)[:80]}>"}))
-    setup_monitors = {mon for mon, req in entries
-                      if (req.get("arguments") or {}).get("property") == SETUP_MARKER}
+    setup_monitors = {
+        mon for mon, req in entries if (req.get("arguments") or {}).get("property") == SETUP_MARKER
+    }
     refused = []
     for mon, req in entries:
         if mon in setup_monitors:
@@ -97,15 +98,22 @@ def qemu_vm(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[VmFactor
     started: list[tuple[QemuProcess, Path]] = []
     x86 = QEMU_MATRIX[request.param]
 
-    def start(*args: str, name: str = "vm", binary: str | None = None,
-              env: dict[str, str] | None = None, setup_monitor: bool = False) -> QemuProcess:
+    def start(
+        *args: str,
+        name: str = "vm",
+        binary: str | None = None,
+        env: dict[str, str] | None = None,
+        setup_monitor: bool = False,
+    ) -> QemuProcess:
         if binary is not None and request.param != next(iter(QEMU_MATRIX)):
             pytest.skip(f"{binary} is not part of the x86 version matrix")
         trace = tmp_path / f"{name}.qmp-trace.log"
         vm = QemuProcess(
             args=[*args, "-trace", f"handle_qmp_command,file={trace}"],
             qmp_path=tmp_path / f"{name}.qmp",
-            binary=binary or x86, env=env, stderr_path=tmp_path / f"{name}.stderr",
+            binary=binary or x86,
+            env=env,
+            stderr_path=tmp_path / f"{name}.stderr",
             setup_qmp_path=tmp_path / f"{name}.setup.qmp" if setup_monitor else None,
         )
         started.append((vm, trace))
@@ -151,15 +159,18 @@ def record_evidence(doc: dict[str, Any], scenario: str, vfio_only: bool = True) 
                 if e["source"] == "cmdline" and "no cmdline" in scenario:
                     continue
                 outcome = "concludes" if e["conclusion"] else "inconclusive"
-                COMPAT.setdefault(version, {}).setdefault(
-                    f"{e['source']} ({scenario})", set()).add(outcome)
+                COMPAT.setdefault(version, {}).setdefault(f"{e['source']} ({scenario})", set()).add(
+                    outcome
+                )
 
 
 def compatibility_table() -> str:
     versions = sorted(COMPAT)
     rows = sorted({row for v in versions for row in COMPAT[v]})
-    lines = ["| evidence source (scenario) | " + " | ".join(f"QEMU {v}" for v in versions) + " |",
-             "|---|" + "---|" * len(versions)]
+    lines = [
+        "| evidence source (scenario) | " + " | ".join(f"QEMU {v}" for v in versions) + " |",
+        "|---|" + "---|" * len(versions),
+    ]
     for row in rows:
         cells = [" / ".join(sorted(COMPAT[v].get(row, {"-"}))) for v in versions]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
@@ -186,4 +197,5 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     if AUDIT["vms"]:
         terminalreporter.write_line(
             f"read-only audit: {AUDIT['commands']} QMP commands from qmpguard to "
-            f"{AUDIT['vms']} QEMU processes, all within the allow-list (QEMU trace)")
+            f"{AUDIT['vms']} QEMU processes, all within the allow-list (QEMU trace)"
+        )

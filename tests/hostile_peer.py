@@ -14,23 +14,31 @@ from pathlib import Path
 
 from tests.qmp_stream import QMPStreamReader
 
-GREETING = (json.dumps({"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0},
-                                            "package": ""}, "capabilities": ["oob"]}})
-            + "\r\n").encode()
+GREETING = (
+    json.dumps(
+        {
+            "QMP": {
+                "version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": ""},
+                "capabilities": ["oob"],
+            }
+        }
+    )
+    + "\r\n"
+).encode()
 
 MODES = (
-    "garbage",          # random bytes instead of a greeting, then close
-    "invalid-json",     # a greeting line that is not JSON
-    "wrong-greeting",   # valid JSON, wrong shape
-    "no-greeting",      # accept and say nothing, ever
-    "close-at-once",    # accept and close
-    "huge-line",        # greeting, then a 100 MiB reply line
-    "deep-nesting",     # greeting, then a reply nested 200,000 levels deep
+    "garbage",  # random bytes instead of a greeting, then close
+    "invalid-json",  # a greeting line that is not JSON
+    "wrong-greeting",  # valid JSON, wrong shape
+    "no-greeting",  # accept and say nothing, ever
+    "close-at-once",  # accept and close
+    "huge-line",  # greeting, then a 100 MiB reply line
+    "deep-nesting",  # greeting, then a reply nested 200,000 levels deep
     "stall-mid-reply",  # greeting, then half a reply and silence
     "close-mid-reply",  # greeting, then half a reply and close
-    "unknown-ids",      # greeting, then replies with ids nobody asked for
-    "event-flood",      # greeting, then endless events and no replies
-    "wrong-shapes",     # greeting, then `{"return": 42}` to every command
+    "unknown-ids",  # greeting, then replies with ids nobody asked for
+    "event-flood",  # greeting, then endless events and no replies
+    "wrong-shapes",  # greeting, then `{"return": 42}` to every command
 )
 
 
@@ -61,7 +69,8 @@ class HostileFakeQMPPeer:
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
         self._server = self._loop.run_until_complete(
-            asyncio.start_unix_server(self._serve, path=str(self.path)))
+            asyncio.start_unix_server(self._serve, path=str(self.path))
+        )
         self._ready.set()
         self._loop.run_forever()
         self._server.close()
@@ -104,8 +113,13 @@ class HostileFakeQMPPeer:
         writer.write(b'{"return": {}}\r\n')
         await writer.drain()
         if mode == "event-flood":
-            event = json.dumps({"event": "DEVICE_DELETED", "data": {"path": "/x" * 50},
-                                "timestamp": {"seconds": 1, "microseconds": 2}}).encode()
+            event = json.dumps(
+                {
+                    "event": "DEVICE_DELETED",
+                    "data": {"path": "/x" * 50},
+                    "timestamp": {"seconds": 1, "microseconds": 2},
+                }
+            ).encode()
             while True:
                 writer.write(event + b"\r\n")
                 await writer.drain()

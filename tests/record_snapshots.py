@@ -21,8 +21,10 @@ from qmpguard.targets import parse_target
 from tests import scenarios
 
 DATA = Path(__file__).parent / "data"
-RECORDED = {"q35-intel-topology": scenarios.Q35_INTEL_TOPOLOGY,
-            "i440fx-pci-bridge": scenarios.I440FX_PCI_BRIDGE}
+RECORDED = {
+    "q35-intel-topology": scenarios.Q35_INTEL_TOPOLOGY,
+    "i440fx-pci-bridge": scenarios.I440FX_PCI_BRIDGE,
+}
 
 
 def main() -> None:

@@ -62,7 +62,9 @@ def expected_binding(topo: Topology, viommus: list[VIommu], dev: PciDevice) -> E
     root = topo.root_of(alias_bus.path)
     if root.bypass_iommu:
         return ExpectedBinding(
-            "memory", None, None,
+            "memory",
+            None,
+            None,
             f"root bus {root.path} bypasses the vIOMMU (bypass_iommu on its host bridge)",
         )
     requester = Requester(alias_bus.path, devfn)

@@ -79,8 +79,9 @@ def parse_cmdline(argv: list[str]) -> CliFacts:
                     obj = None
                 if isinstance(obj, dict) and isinstance(obj.get("driver"), str):
                     dev_id = obj.get("id")
-                    raw.append((len(raw), obj["driver"],
-                                dev_id if isinstance(dev_id, str) else None, True))
+                    raw.append(
+                        (len(raw), obj["driver"], dev_id if isinstance(dev_id, str) else None, True)
+                    )
             else:
                 kv = _keyval(val, "driver")
                 if "driver" in kv:

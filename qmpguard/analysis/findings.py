@@ -44,7 +44,9 @@ def qg001_misbound(vm: VmAnalysis) -> Iterator[Finding]:
         v = dev.binding.viommu
         assert v is not None
         yield Finding(
-            "QG001", "critical", dev.device.path,
+            "QG001",
+            "critical",
+            dev.device.path,
             f"{dev.device.label} ({dev.device.type}) was realized before vIOMMU {v.label} "
             f"({v.type}): its VFIO container is attached to plain guest memory, so the device "
             f"can DMA to all guest RAM, bypassing the guest's IOMMU. Fix: put the "
@@ -61,10 +63,11 @@ def qg002_unverified(vm: VmAnalysis) -> Iterator[Finding]:
             continue
         v = dev.binding.viommu
         assert v is not None
-        why = ("the evidence conflicts" if dev.order.conflicting
-               else "no source could establish it")
+        why = "the evidence conflicts" if dev.order.conflicting else "no source could establish it"
         yield Finding(
-            "QG002", "warning", dev.device.path,
+            "QG002",
+            "warning",
+            dev.device.path,
             f"cannot tell whether {dev.device.label} was realized before or after vIOMMU "
             f"{v.label}: {why}; if before, its DMA bypasses the guest's IOMMU",
             _evidence_lines(dev) or ("no evidence source applies",),
@@ -78,7 +81,9 @@ def qg003_bypass(vm: VmAnalysis) -> Iterator[Finding]:
     for dev in vm.devices:
         if dev.device.vfio and "bypasses" in dev.binding.reason:
             yield Finding(
-                "QG003", "warning", dev.device.path,
+                "QG003",
+                "warning",
+                dev.device.path,
                 f"{dev.device.label} sits on a bus that bypasses the vIOMMU: the guest cannot "
                 "isolate its DMA",
                 (dev.binding.reason,),
@@ -99,7 +104,9 @@ def qg004_shared_space(vm: VmAnalysis) -> Iterator[Finding]:
             req = dev.binding.requester
             assert req is not None
             yield Finding(
-                "QG004", "warning", dev.device.path,
+                "QG004",
+                "warning",
+                dev.device.path,
                 f"{dev.device.label} shares one IOMMU address space with "
                 f"{', '.join(others)}: the guest cannot isolate them from each other",
                 (f"all are translated as requester {req.devfn_text} on {req.bus}",),
@@ -112,7 +119,9 @@ def qg005_virtio_platform(vm: VmAnalysis) -> Iterator[Finding]:
         d = dev.device
         if d.virtio and dev.binding.kind == "viommu" and d.iommu_platform is False:
             yield Finding(
-                "QG005", "warning", d.path,
+                "QG005",
+                "warning",
+                d.path,
                 f"{d.label} ({d.type}) is behind a vIOMMU but has "
                 "iommu_platform=off: its DMA bypasses the vIOMMU",
                 (f"{d.path}/virtio-backend iommu_platform=false",),
@@ -120,5 +129,9 @@ def qg005_virtio_platform(vm: VmAnalysis) -> Iterator[Finding]:
 
 
 RULES: tuple[Rule, ...] = (
-    qg001_misbound, qg002_unverified, qg003_bypass, qg004_shared_space, qg005_virtio_platform,
+    qg001_misbound,
+    qg002_unverified,
+    qg003_bypass,
+    qg004_shared_space,
+    qg005_virtio_platform,
 )

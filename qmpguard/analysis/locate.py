@@ -125,17 +125,22 @@ def locate(snap: Snapshot) -> Location:
             loc.devices[dev_path] = LocatedDevice(dev_path, qdev, path, index)
             for child in qdev.buses:
                 if child.type in facts.pci_bus:
-                    queue.append((f"{dev_path}/{child.name}", child, dev_path, False, False,
-                                  dev_path))
+                    queue.append(
+                        (f"{dev_path}/{child.name}", child, dev_path, False, False, dev_path)
+                    )
             if qdev.type in T.PXB_TYPES:
-                target = named_pxb.get(qdev.id) if qdev.id else (
-                    anonymous_pxb.pop(0) if anonymous_pxb else None)
+                target = (
+                    named_pxb.get(qdev.id)
+                    if qdev.id
+                    else (anonymous_pxb.pop(0) if anonymous_pxb else None)
+                )
                 if target is not None:
                     parents[target] = dev_path
                     if target in loc.buses:
                         b = loc.buses[target]
-                        loc.buses[target] = LocatedBus(b.path, b.qbus, b.owner, b.root,
-                                                       b.bypass_iommu, dev_path)
+                        loc.buses[target] = LocatedBus(
+                            b.path, b.qbus, b.owner, b.root, b.bypass_iommu, dev_path
+                        )
     return loc
 
 
@@ -163,8 +168,14 @@ def _links(snap: Snapshot, bus: str, loc: Location) -> list[tuple[int, str]] | N
     return sorted(out)
 
 
-def _resolve_link(snap: Snapshot, bus: str, links: list[tuple[int, str]], index: int,
-                  qdev: QtreeDevice, loc: Location) -> str | None:
+def _resolve_link(
+    snap: Snapshot,
+    bus: str,
+    links: list[tuple[int, str]],
+    index: int,
+    qdev: QtreeDevice,
+    loc: Location,
+) -> str | None:
     if index >= len(links) or links[index][1] != qdev.type:
         raise ReplyShapeError(f"{bus}: qtree and QOM disagree on device {index} ({qdev.type})")
     prop = f"child[{links[index][0]}]"

@@ -64,8 +64,9 @@ def viommu_spaces(entries: list[AddressSpaceEntry], kind: str) -> tuple[list[Iom
         for e in entries:
             m = _VTD.fullmatch(e.root)
             if m:
-                out.append(IommuSpace(e.flatview, e.position,
-                                      (int(m.group(1), 16) << 3) | int(m.group(2))))
+                out.append(
+                    IommuSpace(e.flatview, e.position, (int(m.group(1), 16) << 3) | int(m.group(2)))
+                )
         return out, False
     if kind == "virtio":
         seen = set()

@@ -72,8 +72,9 @@ def match_cli_devices(snap: Snapshot, cli: CliFacts) -> dict[str, CliDevice]:
     anon_qom = []
     for name, etype in qom_list(snap, "/machine/peripheral-anon"):
         if name.startswith("device[") and name.endswith("]") and name[7:-1].isdigit():
-            anon_qom.append((int(name[7:-1]), f"/machine/peripheral-anon/{name}",
-                             child_type(etype)))
+            anon_qom.append(
+                (int(name[7:-1]), f"/machine/peripheral-anon/{name}", child_type(etype))
+            )
     anon_qom.sort()
     anon_cli = sorted((d for d in cli.devices if not d.id), key=lambda d: d.realize_rank)
     # Hot-plugged anonymous devices come after the command line ones, so zip is safe only
@@ -96,12 +97,18 @@ def _cmdline_evidence(ctx: OrderContext, dev: PciDevice, viommu: VIommu) -> Evid
         return Evidence("cmdline", None, f"{missing} is not a -device on the command line")
     mixed = " (key=val options are realized before JSON ones)" if cd.json != cv.json else ""
     if cd.realize_rank < cv.realize_rank:
-        return Evidence("cmdline", "before",
-                        f"-device {cd.driver} (option {cd.position + 1}) is realized before "
-                        f"-device {cv.driver} (option {cv.position + 1}){mixed}")
-    return Evidence("cmdline", "after",
-                    f"-device {cd.driver} (option {cd.position + 1}) is realized after "
-                    f"-device {cv.driver} (option {cv.position + 1}){mixed}")
+        return Evidence(
+            "cmdline",
+            "before",
+            f"-device {cd.driver} (option {cd.position + 1}) is realized before "
+            f"-device {cv.driver} (option {cv.position + 1}){mixed}",
+        )
+    return Evidence(
+        "cmdline",
+        "after",
+        f"-device {cd.driver} (option {cd.position + 1}) is realized after "
+        f"-device {cv.driver} (option {cv.position + 1}){mixed}",
+    )
 
 
 def _bus_order_evidence(ctx: OrderContext, dev: PciDevice, viommu: VIommu) -> Evidence | None:
@@ -109,9 +116,12 @@ def _bus_order_evidence(ctx: OrderContext, dev: PciDevice, viommu: VIommu) -> Ev
     if vdev is None or vdev.bus != dev.bus:
         return None
     before = dev.creation_index < vdev.creation_index
-    return Evidence("bus-order", "before" if before else "after",
-                    f"on bus {dev.bus}: {dev.label} is child[{dev.creation_index}], "
-                    f"{viommu.label} is child[{vdev.creation_index}]")
+    return Evidence(
+        "bus-order",
+        "before" if before else "after",
+        f"on bus {dev.bus}: {dev.label} is child[{dev.creation_index}], "
+        f"{viommu.label} is child[{vdev.creation_index}]",
+    )
 
 
 def _processed_before(topo: Topology, a: PciDevice, b: PciDevice) -> bool:
@@ -159,10 +169,13 @@ def _as_order_evidence(ctx: OrderContext, dev: PciDevice, viommu: VIommu) -> Evi
     intruders = [s for s in spaces if comparable(s) and s.rank < me.rank and s.devfn not in early]
     if intruders:
         first = _space_name(viommu.kind, intruders[0].devfn)
-        return Evidence(src, "before",
-                        f"{name} was created after {first}, which only QEMU's machine-done "
-                        f"pass creates: {dev.label} did not look up its address space in "
-                        f"realize, so the vIOMMU did not exist yet")
+        return Evidence(
+            src,
+            "before",
+            f"{name} was created after {first}, which only QEMU's machine-done "
+            f"pass creates: {dev.label} did not look up its address space in "
+            f"realize, so the vIOMMU did not exist yet",
+        )
     holders = keys[mine_key]
     for key, devs in keys.items():
         if key == mine_key or key.devfn in early or any(d.hotplugged is not False for d in devs):
@@ -172,27 +185,39 @@ def _as_order_evidence(ctx: OrderContext, dev: PciDevice, viommu: VIommu) -> Evi
         occurrences = [s for s in spaces if s.devfn == key.devfn]
         if occurrences and all(comparable(s) and s.rank > me.rank for s in occurrences):
             other = _space_name(viommu.kind, key.devfn)
-            return Evidence(src, "after",
-                            f"{name} was created before {other}, which the machine-done pass "
-                            f"would have created first: {dev.label} looked up its address "
-                            f"space in realize, after the vIOMMU existed")
+            return Evidence(
+                src,
+                "after",
+                f"{name} was created before {other}, which the machine-done pass "
+                f"would have created first: {dev.label} looked up its address "
+                f"space in realize, after the vIOMMU existed",
+            )
     if not global_rank and len({s.flatview for s in spaces}) > 1:
-        return Evidence(src, None,
-                        f"{viommu.label}'s address spaces are spread over "
-                        f"{len({s.flatview for s in spaces})} flat views (guest enabled "
-                        "translation): creation order lost")
+        return Evidence(
+            src,
+            None,
+            f"{viommu.label}'s address spaces are spread over "
+            f"{len({s.flatview for s in spaces})} flat views (guest enabled "
+            "translation): creation order lost",
+        )
     return Evidence(src, None, "both orders predict the same address-space sequence here")
 
 
 def order_context(
-    snap: Snapshot, topo: Topology, bindings: dict[str, ExpectedBinding],
+    snap: Snapshot,
+    topo: Topology,
+    bindings: dict[str, ExpectedBinding],
     mtree: list[AddressSpaceEntry] | None,
 ) -> OrderContext:
     cli = parse_cmdline(snap.cmdline) if snap.cmdline else None
     missing = snap.cmdline_error or ("not a local socket" if snap.pid is None else "unreadable")
     return OrderContext(
-        topo=topo, bindings=bindings, cli=cli, cli_missing=missing,
-        cli_by_path=match_cli_devices(snap, cli) if cli else {}, mtree=mtree,
+        topo=topo,
+        bindings=bindings,
+        cli=cli,
+        cli_missing=missing,
+        cli_by_path=match_cli_devices(snap, cli) if cli else {},
+        mtree=mtree,
     )
 
 
@@ -204,11 +229,17 @@ def order_of(ctx: OrderContext, dev: PciDevice) -> OrderEvidence:
         return OrderEvidence("unknown", ())
     evidence: list[Evidence] = []
     if dev.hotplugged:
-        evidence.append(Evidence("hotplugged", "after",
-                                 "hot-plugged after machine init; a vIOMMU cannot be"))
+        evidence.append(
+            Evidence("hotplugged", "after", "hot-plugged after machine init; a vIOMMU cannot be")
+        )
     if viommu.machine_created:
-        evidence.append(Evidence("machine-viommu", "after",
-                                 f"{viommu.type} is created with the machine, before any device"))
+        evidence.append(
+            Evidence(
+                "machine-viommu",
+                "after",
+                f"{viommu.type} is created with the machine, before any device",
+            )
+        )
     evidence.append(_cmdline_evidence(ctx, dev, viommu))
     bus_order = _bus_order_evidence(ctx, dev, viommu)
     if bus_order:

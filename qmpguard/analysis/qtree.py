@@ -61,8 +61,13 @@ def type_facts(text: object) -> TypeFacts | None:
                 (bridge if bus.type in pci_bus else host).add(dev.type)
             if "virtio-pci-bus" in child_types:
                 virtio.add(dev.type)
-    return TypeFacts(frozenset(pci_bus), frozenset(express), frozenset(host),
-                     frozenset(bridge), frozenset(virtio))
+    return TypeFacts(
+        frozenset(pci_bus),
+        frozenset(express),
+        frozenset(host),
+        frozenset(bridge),
+        frozenset(virtio),
+    )
 
 
 # ------------------------------------------------------------------ device tree

@@ -20,8 +20,11 @@ def qom_list(snap: Snapshot, path: str) -> list[tuple[str, str]]:
         raise ReplyShapeError(f"qom-list {path}: reply is not a list")
     out = []
     for item in reply:
-        if not (isinstance(item, dict) and isinstance(item.get("name"), str)
-                and isinstance(item.get("type"), str)):
+        if not (
+            isinstance(item, dict)
+            and isinstance(item.get("name"), str)
+            and isinstance(item.get("type"), str)
+        ):
             raise ReplyShapeError(f"qom-list {path}: entry without name/type: {item!r:.80}")
         out.append((item["name"], item["type"]))
     return out

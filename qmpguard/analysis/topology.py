@@ -90,8 +90,8 @@ class Topology:
 
 
 def _device_id(path: str) -> str | None:
-    if path.startswith(_PERIPHERAL) and "/" not in path[len(_PERIPHERAL):]:
-        return path[len(_PERIPHERAL):]
+    if path.startswith(_PERIPHERAL) and "/" not in path[len(_PERIPHERAL) :]:
+        return path[len(_PERIPHERAL) :]
     return None
 
 
@@ -111,19 +111,27 @@ def build_topology(snap: Snapshot) -> Topology:
     """Topology from the snapshot: `info qtree` placed at QOM paths (see locate)."""
     loc = locate(snap)
     if loc.missing:
-        raise ReplyShapeError(f"snapshot lacks {len(loc.missing)} QOM read(s), e.g. "
-                              f"{loc.missing[0][0]} {loc.missing[0][1]}")
+        raise ReplyShapeError(
+            f"snapshot lacks {len(loc.missing)} QOM read(s), e.g. "
+            f"{loc.missing[0][0]} {loc.missing[0][1]}"
+        )
     facts = loc.facts
-    cli_ids = ({d.id for d in parse_cmdline(snap.cmdline).devices if d.id}
-               if snap.cmdline else set())
+    cli_ids = {d.id for d in parse_cmdline(snap.cmdline).devices if d.id} if snap.cmdline else set()
     topo = Topology(machine_type=_machine_type(snap), main_root=loc.main_root)
     for path, b in loc.buses.items():
-        members = sorted((d for d in loc.devices.values() if d.bus == path),
-                         key=lambda d: d.creation_index)
+        members = sorted(
+            (d for d in loc.devices.values() if d.bus == path), key=lambda d: d.creation_index
+        )
         topo.buses[path] = PciBus(
-            path=path, type=b.qbus.type, express=b.qbus.type in facts.express_bus,
-            owner=b.owner, root=b.root, bypass_iommu=b.bypass_iommu,
-            parent_device=b.parent_device, devices=tuple(d.path for d in members))
+            path=path,
+            type=b.qbus.type,
+            express=b.qbus.type in facts.express_bus,
+            owner=b.owner,
+            root=b.root,
+            bypass_iommu=b.bypass_iommu,
+            parent_device=b.parent_device,
+            devices=tuple(d.path for d in members),
+        )
     for path, d in loc.devices.items():
         devfn = d.qdev.devfn
         if devfn is None:
@@ -133,9 +141,15 @@ def build_topology(snap: Snapshot) -> Topology:
             hotplugged = False  # created by the machine, or by a -device option
         virtio = d.qdev.type in facts.virtio_pci
         topo.devices[path] = PciDevice(
-            path=path, id=_device_id(path), type=d.qdev.type, bus=d.bus, devfn=devfn,
-            creation_index=d.creation_index, hotplugged=hotplugged,
-            vfio=facts.is_vfio(d.qdev.type), virtio=virtio,
+            path=path,
+            id=_device_id(path),
+            type=d.qdev.type,
+            bus=d.bus,
+            devfn=devfn,
+            creation_index=d.creation_index,
+            hotplugged=hotplugged,
+            vfio=facts.is_vfio(d.qdev.type),
+            virtio=virtio,
             iommu_platform=d.qdev.iommu_platform if virtio else None,
             pcie_to_pci_bridge=d.qdev.type in T.PCIE_TO_PCI_BRIDGE_TYPES,
             viommu_kind=T.VIOMMU_TYPES.get(d.qdev.type),

@@ -41,20 +41,33 @@ def find_viommus(snap: Snapshot, topo: Topology) -> list[VIommu]:
             path = f"{container}/{name}"
             primary = qom_get(snap, path, "primary-bus", str)
             machine_created = (
-                vtype == "arm-smmuv3" and container == "/machine/unattached"
+                vtype == "arm-smmuv3"
+                and container == "/machine/unattached"
                 and machine_iommu == "smmuv3"
             )
             covers = primary if primary else topo.main_root
-            found.append(VIommu(
-                path=path, type=vtype, kind=T.VIOMMU_TYPES[vtype], covers=covers,
-                machine_created=machine_created,
-                hotplugged=qom_get(snap, path, "hotplugged", bool),
-                caching_mode=qom_get(snap, path, "caching-mode", bool),
-            ))
+            found.append(
+                VIommu(
+                    path=path,
+                    type=vtype,
+                    kind=T.VIOMMU_TYPES[vtype],
+                    covers=covers,
+                    machine_created=machine_created,
+                    hotplugged=qom_get(snap, path, "hotplugged", bool),
+                    caching_mode=qom_get(snap, path, "caching-mode", bool),
+                )
+            )
     for dev in topo.devices.values():
         if dev.type in T.PCI_VIOMMU_TYPES:
-            found.append(VIommu(
-                path=dev.path, type=dev.type, kind=T.VIOMMU_TYPES[dev.type], covers=dev.bus,
-                machine_created=False, hotplugged=dev.hotplugged, caching_mode=None,
-            ))
+            found.append(
+                VIommu(
+                    path=dev.path,
+                    type=dev.type,
+                    kind=T.VIOMMU_TYPES[dev.type],
+                    covers=dev.bus,
+                    machine_created=False,
+                    hotplugged=dev.hotplugged,
+                    caching_mode=None,
+                )
+            )
     return sorted(found, key=lambda v: v.path)

@@ -58,9 +58,7 @@ def guest_bdfs(snap: Snapshot, topo: Topology) -> dict[str, str]:
     if not isinstance(reply, list):
         return out
     by_id = {d.id: d for d in topo.devices.values() if d.id}
-    root_by_devfn = {
-        d.devfn: d for d in topo.devices.values() if d.bus == topo.main_root
-    }
+    root_by_devfn = {d.devfn: d for d in topo.devices.values() if d.bus == topo.main_root}
 
     def walk(bus_no: int, devices: object) -> None:
         if not isinstance(devices, list):
@@ -78,8 +76,11 @@ def guest_bdfs(snap: Snapshot, topo: Topology) -> dict[str, str]:
                 out[dev.path] = f"{bus_no:02x}:{slot:02x}.{fn}"
             bridge = entry.get("pci_bridge")
             if isinstance(bridge, dict):
-                sec = bridge.get("bus", {}).get("secondary") if isinstance(
-                    bridge.get("bus"), dict) else None
+                sec = (
+                    bridge.get("bus", {}).get("secondary")
+                    if isinstance(bridge.get("bus"), dict)
+                    else None
+                )
                 if isinstance(sec, int) and sec > 0:
                     walk(sec, bridge.get("devices"))
 
@@ -101,8 +102,9 @@ def analyze(snap: Snapshot) -> VmAnalysis:
     for path, dev in topo.devices.items():
         binding = bindings[path]
         order = order_of(ctx, dev) if binding.kind == "viommu" else OrderEvidence("unknown", ())
-        devices.append(DeviceAnalysis(dev, binding, order, _verdict(dev, binding, order),
-                                      bdfs.get(path)))
+        devices.append(
+            DeviceAnalysis(dev, binding, order, _verdict(dev, binding, order), bdfs.get(path))
+        )
     devices.sort(key=lambda d: (d.device.bus, d.device.devfn))
     vm = VmAnalysis(snap, topo, viommus, devices, [])
     version = f"QEMU {snap.qemu_version or 'version unknown'} ({snap.transport})"

@@ -23,13 +23,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     """Register the `daemon` subcommand."""
     p = sub.add_parser("daemon", help="watch every VM on this host and serve results over HTTP")
     p.add_argument("--config", metavar="PATH", help="TOML config (see deploy/config.example.toml)")
-    p.add_argument("--watch", action="append", default=[], metavar="GLOB",
-                   help="QMP socket glob to watch (repeatable; replaces the config's list)")
-    p.add_argument("--target", action="append", default=[], metavar="TARGET",
-                   help="a target to always inspect (repeatable)")
+    p.add_argument(
+        "--watch",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="QMP socket glob to watch (repeatable; replaces the config's list)",
+    )
+    p.add_argument(
+        "--target",
+        action="append",
+        default=[],
+        metavar="TARGET",
+        help="a target to always inspect (repeatable)",
+    )
     p.add_argument("--listen", metavar="HOST:PORT", help="HTTP address (default 127.0.0.1:9464)")
-    p.add_argument("--interval", type=float, metavar="SECONDS",
-                   help="re-inspection interval (default 60, jittered)")
+    p.add_argument(
+        "--interval",
+        type=float,
+        metavar="SECONDS",
+        help="re-inspection interval (default 60, jittered)",
+    )
     p.add_argument("--log-format", choices=["auto", "console", "json"], default="auto")
     p.add_argument("-v", "--verbose", action="store_true")
 
@@ -54,8 +68,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(_serve(settings, args))
     except OSError as exc:
-        print(f"qmpguard: error: cannot serve on {settings.listen}: {exc.strerror}",
-              file=sys.stderr)
+        print(
+            f"qmpguard: error: cannot serve on {settings.listen}: {exc.strerror}", file=sys.stderr
+        )
         return EXIT_CONFIG
 
 

@@ -1,12 +1,12 @@
 """Prometheus metrics, read from the ResultStore at scrape time (no stale series).
 
-  qmpguard_vm_up{vm}                              1 if the last inspection worked
-  qmpguard_findings{vm,code,severity}             findings of the last inspection
-  qmpguard_vfio_devices{vm,verdict}               vfio devices by verdict
-  qmpguard_inspection_duration_seconds            histogram over all inspections
-  qmpguard_inspection_errors_total{vm,reason}     failed inspections since the VM appeared
-  qmpguard_last_inspection_timestamp_seconds{vm}  unix time of the last inspection
-  qmpguard_build_info{version}                    always 1
+qmpguard_vm_up{vm}                              1 if the last inspection worked
+qmpguard_findings{vm,code,severity}             findings of the last inspection
+qmpguard_vfio_devices{vm,verdict}               vfio devices by verdict
+qmpguard_inspection_duration_seconds            histogram over all inspections
+qmpguard_inspection_errors_total{vm,reason}     failed inspections since the VM appeared
+qmpguard_last_inspection_timestamp_seconds{vm}  unix time of the last inspection
+qmpguard_build_info{version}                    always 1
 """
 
 from __future__ import annotations
@@ -30,16 +30,25 @@ class StoreCollector(Collector):
         self.store = store
 
     def collect(self) -> Iterator[Metric]:
-        up = GaugeMetricFamily("qmpguard_vm_up", "1 if the VM's last inspection worked",
-                               labels=["vm"])
-        findings = GaugeMetricFamily("qmpguard_findings", "Findings of the last inspection",
-                                     labels=["vm", "code", "severity"])
-        vfio = GaugeMetricFamily("qmpguard_vfio_devices", "vfio devices by verdict",
-                                 labels=["vm", "verdict"])
-        errors = CounterMetricFamily("qmpguard_inspection_errors",
-                                     "Failed inspections by reason", labels=["vm", "reason"])
-        last = GaugeMetricFamily("qmpguard_last_inspection_timestamp_seconds",
-                                 "Unix time of the last inspection", labels=["vm"])
+        up = GaugeMetricFamily(
+            "qmpguard_vm_up", "1 if the VM's last inspection worked", labels=["vm"]
+        )
+        findings = GaugeMetricFamily(
+            "qmpguard_findings",
+            "Findings of the last inspection",
+            labels=["vm", "code", "severity"],
+        )
+        vfio = GaugeMetricFamily(
+            "qmpguard_vfio_devices", "vfio devices by verdict", labels=["vm", "verdict"]
+        )
+        errors = CounterMetricFamily(
+            "qmpguard_inspection_errors", "Failed inspections by reason", labels=["vm", "reason"]
+        )
+        last = GaugeMetricFamily(
+            "qmpguard_last_inspection_timestamp_seconds",
+            "Unix time of the last inspection",
+            labels=["vm"],
+        )
         info = GaugeMetricFamily("qmpguard_build_info", "qmpguard build", labels=["version"])
         info.add_metric([__version__], 1)
         for name, record in sorted(self.store.vms.items()):
@@ -55,8 +64,9 @@ class StoreCollector(Collector):
                 for (code, severity), n in sorted(counts.items()):
                     findings.add_metric([name, code, severity], n)
                 assert record.result.analysis is not None
-                verdicts = Counter(d.verdict for d in record.result.analysis.devices
-                                   if d.device.vfio)
+                verdicts = Counter(
+                    d.verdict for d in record.result.analysis.devices if d.device.vfio
+                )
                 for verdict in ("ok", "misbound", "unverified"):
                     vfio.add_metric([name, verdict], verdicts.get(verdict, 0))
         yield from (up, findings, vfio, errors, last, info)
@@ -66,8 +76,10 @@ def build_registry(store: ResultStore) -> tuple[CollectorRegistry, Histogram]:
     """A registry with the store collector and the inspection-duration histogram."""
     registry = CollectorRegistry()
     registry.register(StoreCollector(store))
-    duration = Histogram("qmpguard_inspection_duration_seconds",
-                         "Time to inspect one VM (connect, collect, analyse)",
-                         buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-                         registry=registry)
+    duration = Histogram(
+        "qmpguard_inspection_duration_seconds",
+        "Time to inspect one VM (connect, collect, analyse)",
+        buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        registry=registry,
+    )
     return registry, duration

@@ -33,18 +33,22 @@ def _fill(row: TreeRow) -> tuple[str, str]:
 
 def topology_svg(rows: list[TreeRow], title: str) -> str:
     height = ROW_H * len(rows) + 20
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" '
-           f'role="img" aria-labelledby="svg-title" font-family="sans-serif" font-size="13">',
-           f'<title id="svg-title">{html.escape(title)}</title>']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" '
+        f'role="img" aria-labelledby="svg-title" font-family="sans-serif" font-size="13">',
+        f'<title id="svg-title">{html.escape(title)}</title>',
+    ]
     for i, row in enumerate(rows):
         x, y = 10 + row.depth * INDENT, 10 + i * ROW_H
         if row.kind == "bus":
-            out.append(f'<g class="bus"><title>bus {html.escape(row.label)}: '
-                       f'{html.escape(row.detail)}</title>'
-                       f'<line x1="{x}" y1="{y + 22}" x2="{WIDTH - 10}" y2="{y + 22}" '
-                       f'stroke="#868e96"/><text x="{x}" y="{y + 17}" font-weight="bold">'
-                       f'bus {html.escape(row.label)}</text><text x="{x + 120}" y="{y + 17}" '
-                       f'fill="#495057">{html.escape(row.detail)}</text></g>')
+            out.append(
+                f'<g class="bus"><title>bus {html.escape(row.label)}: '
+                f"{html.escape(row.detail)}</title>"
+                f'<line x1="{x}" y1="{y + 22}" x2="{WIDTH - 10}" y2="{y + 22}" '
+                f'stroke="#868e96"/><text x="{x}" y="{y + 17}" font-weight="bold">'
+                f'bus {html.escape(row.label)}</text><text x="{x + 120}" y="{y + 17}" '
+                f'fill="#495057">{html.escape(row.detail)}</text></g>'
+            )
             continue
         fill, dash = _fill(row)
         label = ""
@@ -55,9 +59,14 @@ def topology_svg(rows: list[TreeRow], title: str) -> str:
             label = "UNVERIFIED (QG002)"
         elif row.findings:
             label = ", ".join(sorted({f.code for f in row.findings}))
-        tip = "\n".join([f"{row.label}: {row.detail}", f"DMA: {row.expected}",
-                         *(f"{f.code} {f.severity}: {f.message}" for f in row.findings),
-                         *row.evidence])
+        tip = "\n".join(
+            [
+                f"{row.label}: {row.detail}",
+                f"DMA: {row.expected}",
+                *(f"{f.code} {f.severity}: {f.message}" for f in row.findings),
+                *row.evidence,
+            ]
+        )
         stroke = ' stroke-dasharray="' + dash + '"' if dash else ""
         tags = (" [VFIO]" if row.vfio else "") + (f" [space {row.space}]" if row.space else "")
         weight = ' font-weight="bold"' if row.vfio else ""
@@ -67,11 +76,17 @@ def topology_svg(rows: list[TreeRow], title: str) -> str:
             f'<rect x="{x}" y="{y}" width="{WIDTH - 20 - row.depth * INDENT}" height="{ROW_H - 4}"'
             f' rx="4" fill="{fill}" stroke="#343a40"{stroke}/>'
             f'<text x="{x + 8}" y="{y + 17}"'
-            f'{weight}>{html.escape(row.label + tags)}'
+            f"{weight}>{html.escape(row.label + tags)}"
             f'</text><text x="{x + 260}" y="{y + 17}">{html.escape(row.detail)}</text>'
             f'<text x="{x + 470}" y="{y + 17}">{html.escape("-> " + row.expected)}</text>'
-            + (f'<text x="{WIDTH - 200}" y="{y + 17}" font-weight="bold">'
-               f'{html.escape(label)}</text>' if label else "") + "</g>")
+            + (
+                f'<text x="{WIDTH - 200}" y="{y + 17}" font-weight="bold">'
+                f"{html.escape(label)}</text>"
+                if label
+                else ""
+            )
+            + "</g>"
+        )
     out.append("</svg>")
     return "\n".join(out)
 
@@ -79,30 +94,43 @@ def topology_svg(rows: list[TreeRow], title: str) -> str:
 def vm_page(name: str, result: TargetResult | None) -> str:
     """The whole HTML page for one VM."""
     esc = html.escape(name)
-    head = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>qmpguard: '
-            f'{esc}</title><style>body{{font-family:sans-serif;margin:2em}}'
-            f'li{{margin:.3em 0}} .critical{{color:#c92a2a;font-weight:bold}}</style></head>'
-            f'<body><p><a href="/">all VMs</a> · <a href="/api/v1/vms/{quote(name, safe="")}">'
-            f'JSON</a></p><h1>{esc}</h1>')
+    head = (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>qmpguard: '
+        f"{esc}</title><style>body{{font-family:sans-serif;margin:2em}}"
+        f"li{{margin:.3em 0}} .critical{{color:#c92a2a;font-weight:bold}}</style></head>"
+        f'<body><p><a href="/">all VMs</a> · <a href="/api/v1/vms/{quote(name, safe="")}">'
+        f"JSON</a></p><h1>{esc}</h1>"
+    )
     if result is None or result.analysis is None:
-        reason = (result.error.message if result and result.error else "not inspected yet")
+        reason = result.error.message if result and result.error else "not inspected yet"
         return head + f"<p>Not inspected: {html.escape(reason)}</p></body></html>"
     findings = target_findings(result)
     rows = tree_rows(result.analysis, findings)
-    legend = ("<p>Legend: blue = the device's own vIOMMU address space; other colours = "
-              "one address space shared by several devices (aliasing, letter in brackets); "
-              "grey dashed = plain guest memory (no vIOMMU or bypass bus); red with "
-              "<b>MISBOUND</b> = a vfio device whose DMA bypasses the vIOMMU.</p>")
+    legend = (
+        "<p>Legend: blue = the device's own vIOMMU address space; other colours = "
+        "one address space shared by several devices (aliasing, letter in brackets); "
+        "grey dashed = plain guest memory (no vIOMMU or bypass bus); red with "
+        "<b>MISBOUND</b> = a vfio device whose DMA bypasses the vIOMMU.</p>"
+    )
     items = []
     for f in findings:
         ev = "".join(f"<li>{html.escape(e)}</li>" for e in f.evidence)
-        items.append(f'<li><span class="{f.severity}">{f.code} {f.severity.upper()}</span> '
-                     f'{html.escape(f.message)}<ul>{ev}</ul></li>')
+        items.append(
+            f'<li><span class="{f.severity}">{f.code} {f.severity.upper()}</span> '
+            f"{html.escape(f.message)}<ul>{ev}</ul></li>"
+        )
     evidence = "".join(
         f"<li><b>{html.escape(r.label)}</b> ({html.escape(r.detail)}): "
         f"{html.escape(r.expected)}<ul>{''.join(f'<li>{html.escape(e)}</li>' for e in r.evidence)}"
-        f"</ul></li>" for r in rows if r.kind == "device" and r.vfio)
-    return (head + legend + topology_svg(rows, f"PCI topology of {name}")
-            + f"<h2>Findings</h2><ul>{''.join(items) or '<li>none</li>'}</ul>"
-            + f"<h2>Evidence for every vfio device</h2><ul>{evidence or '<li>none</li>'}</ul>"
-            + "</body></html>")
+        f"</ul></li>"
+        for r in rows
+        if r.kind == "device" and r.vfio
+    )
+    return (
+        head
+        + legend
+        + topology_svg(rows, f"PCI topology of {name}")
+        + f"<h2>Findings</h2><ul>{''.join(items) or '<li>none</li>'}</ul>"
+        + f"<h2>Evidence for every vfio device</h2><ul>{evidence or '<li>none</li>'}</ul>"
+        + "</body></html>"
+    )

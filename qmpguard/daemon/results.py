@@ -92,15 +92,25 @@ class ResultStore:
             if record.up:
                 log.info("vm_up", vm=name)
             else:
-                log.warning("vm_down", vm=name, reason=result.error.reason if result.error
-                            else None, error=result.error.message if result.error else None)
+                log.warning(
+                    "vm_down",
+                    vm=name,
+                    reason=result.error.reason if result.error else None,
+                    error=result.error.message if result.error else None,
+                )
         if result.ok:
             now = _finding_keys(result)
             by_key = {(f.code, f.device): f for f in target_findings(result)}
             for code, device in sorted(now - before_findings, key=str):
                 f = by_key[(code, device)]
-                log.warning("finding_appeared", vm=name, code=code, severity=f.severity,
-                            device=device, message=f.message)
+                log.warning(
+                    "finding_appeared",
+                    vm=name,
+                    code=code,
+                    severity=f.severity,
+                    device=device,
+                    message=f.message,
+                )
             for code, device in sorted(before_findings - now, key=str):
                 log.info("finding_cleared", vm=name, code=code, device=device)
 

@@ -74,8 +74,9 @@ def _strings(value: Any, key: str) -> tuple[str, ...]:
 
 
 def validate_listen(value: Any) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[^:\s]+):\d{1,5}",
-                                                      value):
+    if not isinstance(value, str) or not re.fullmatch(
+        r"(\[[0-9a-fA-F:]+\]|[^:\s]+):\d{1,5}", value
+    ):
         raise ValueError(f"'listen' must be HOST:PORT, got {value!r}")
     if not 0 < int(value.rsplit(":", 1)[1]) < 65536:
         raise ValueError(f"'listen' port out of range: {value!r}")
@@ -91,8 +92,18 @@ def settings_from_toml(text: str, origin: str = "config") -> Settings:
     key = ""
     try:
         out: dict[str, Any] = {}
-        known = {"watch", "target", "libvirt_uris", "hold_watched", "listen", "interval",
-                 "rescan_interval", "concurrency", "timeouts", "http"}
+        known = {
+            "watch",
+            "target",
+            "libvirt_uris",
+            "hold_watched",
+            "listen",
+            "interval",
+            "rescan_interval",
+            "concurrency",
+            "timeouts",
+            "http",
+        }
         for key in doc:
             if key not in known:
                 raise ValueError(f"unknown key '{key}'")
@@ -150,8 +161,11 @@ def _static_target(table: dict[str, Any]) -> StaticTarget:
 def _timeouts(table: Any) -> dict[str, float]:
     if not isinstance(table, dict):
         raise ValueError("'timeouts' must be a table")
-    names = {"greeting": "greeting_timeout", "command": "command_timeout",
-             "target": "target_timeout"}
+    names = {
+        "greeting": "greeting_timeout",
+        "command": "command_timeout",
+        "target": "target_timeout",
+    }
     out = {}
     for k, v in table.items():
         if k not in names:

@@ -143,7 +143,7 @@ class Scheduler:
         failures = record.consecutive_failures if record else 0
         interval = self.settings.interval
         if failures:
-            return min(interval, 2.0 ** failures)  # back off: 2, 4, 8 ... up to interval
+            return min(interval, 2.0**failures)  # back off: 2, 4, 8 ... up to interval
         return interval * random.uniform(0.9, 1.1)
 
     async def _wait(self, entry: Watched) -> None:
@@ -164,8 +164,9 @@ class Scheduler:
         while True:
             async with self.gate:
                 started = time.monotonic()
-                result = await inspect_target(entry.target, self._timeouts(),
-                                              self.settings.target_timeout)
+                result = await inspect_target(
+                    entry.target, self._timeouts(), self.settings.target_timeout
+                )
             await self._record(entry, result, started)
             await self._wait(entry)
 
@@ -181,15 +182,15 @@ class Scheduler:
                             started = time.monotonic()
                             async with asyncio.timeout(self.settings.target_timeout):
                                 snap = await collect(session)
-                        await self._record(entry, analyse_snapshot(entry.target.name, snap),
-                                           started)
+                        await self._record(
+                            entry, analyse_snapshot(entry.target.name, snap), started
+                        )
                         await self._wait(entry)
             except TimeoutError:
-                err = InspectionError("timeout", "inspection exceeded "
-                                      f"{self.settings.target_timeout:g}s")
-                await self._record(entry, TargetResult(entry.target.name, None, None, err),
-                                   started)
+                err = InspectionError(
+                    "timeout", f"inspection exceeded {self.settings.target_timeout:g}s"
+                )
+                await self._record(entry, TargetResult(entry.target.name, None, None, err), started)
             except InspectionError as exc:
-                await self._record(entry, TargetResult(entry.target.name, None, None, exc),
-                                   started)
+                await self._record(entry, TargetResult(entry.target.name, None, None, exc), started)
             await self._wait(entry)

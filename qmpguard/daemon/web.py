@@ -33,8 +33,9 @@ def build_app(
             given = request.headers.get("Authorization", "")
             expected = f"Bearer {token}"
             if not hmac.compare_digest(given.encode(), expected.encode()):
-                return web.json_response({"error": "unauthorized"}, status=401,
-                                         headers={"WWW-Authenticate": "Bearer"})
+                return web.json_response(
+                    {"error": "unauthorized"}, status=401, headers={"WWW-Authenticate": "Bearer"}
+                )
         return await handler(request)
 
     async def healthz(_: web.Request) -> web.Response:
@@ -88,7 +89,8 @@ def status_page(store: ResultStore) -> str:
         rows.append(
             f"<tr class='{html.escape(worst)}'><td><a href='/vms/{quote(name, safe='')}'>"
             f"{html.escape(name)}</a></td><td>{state}</td><td>{html.escape(worst)}</td>"
-            f"<td>{detail}</td><td>{age}</td></tr>")
+            f"<td>{detail}</td><td>{age}</td></tr>"
+        )
     body = "\n".join(rows) or "<tr><td colspan=5>no VMs found yet</td></tr>"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>qmpguard</title>

@@ -11,11 +11,11 @@ from pathlib import Path
 
 SOURCE = Path(__file__).with_name("fakevfio.c")
 _LOG_LINE = re.compile(
-    r"(map|unmap) c=(\d+) iova=0x([0-9a-f]+) size=0x([0-9a-f]+)(?: vaddr=0x[0-9a-f]+)?")
+    r"(map|unmap) c=(\d+) iova=0x([0-9a-f]+) size=0x([0-9a-f]+)(?: vaddr=0x[0-9a-f]+)?"
+)
 
 
-def _build_cached(source: Path, cache_dir: Path, stem: str, suffix: str,
-                  flags: list[str]) -> Path:
+def _build_cached(source: Path, cache_dir: Path, stem: str, suffix: str, flags: list[str]) -> Path:
     """Compile `source` with gcc into cache_dir, named by a hash of the source; reuse it."""
     digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
     out = cache_dir / f"{stem}-{digest}{suffix}"
@@ -23,8 +23,9 @@ def _build_cached(source: Path, cache_dir: Path, stem: str, suffix: str,
         return out
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".{os.getpid()}.tmp")
-    proc = subprocess.run(["gcc", *flags, "-o", str(tmp), str(source)],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        ["gcc", *flags, "-o", str(tmp), str(source)], capture_output=True, text=True, check=False
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"building {source.name} failed: {proc.stderr.strip()}")
     tmp.replace(out)
@@ -33,8 +34,13 @@ def _build_cached(source: Path, cache_dir: Path, stem: str, suffix: str,
 
 def build_emulation(cache_dir: Path) -> Path:
     """The LD_PRELOAD library built from fakevfio.c."""
-    return _build_cached(SOURCE, cache_dir, "fakevfio", ".so",
-                         ["-O2", "-Wall", "-Wextra", "-shared", "-fPIC", "-ldl"])
+    return _build_cached(
+        SOURCE,
+        cache_dir,
+        "fakevfio",
+        ".so",
+        ["-O2", "-Wall", "-Wextra", "-shared", "-fPIC", "-ldl"],
+    )
 
 
 @dataclass(frozen=True)
@@ -98,7 +104,19 @@ GUEST_SOURCE = Path(__file__).with_name("vtd_guest.S")
 
 def build_vtd_guest(cache_dir: Path) -> Path:
     """The multiboot guest that enables VT-d translation, built from vtd_guest.S."""
-    return _build_cached(GUEST_SOURCE, cache_dir, "vtd-guest", ".elf",
-                         ["-m32", "-nostdlib", "-static", "-ffreestanding",
-                          "-Wl,-Ttext=0x100000", "-Wl,--build-id=none", "-Wl,-e,_start",
-                          "-Wl,-z,max-page-size=0x1000"])
+    return _build_cached(
+        GUEST_SOURCE,
+        cache_dir,
+        "vtd-guest",
+        ".elf",
+        [
+            "-m32",
+            "-nostdlib",
+            "-static",
+            "-ffreestanding",
+            "-Wl,-Ttext=0x100000",
+            "-Wl,--build-id=none",
+            "-Wl,-e,_start",
+            "-Wl,-z,max-page-size=0x1000",
+        ],
+    )

@@ -52,13 +52,21 @@ class QemuProcess:
         if self.qmp_path.exists() or self.qmp_path.is_symlink():
             self.qmp_path.unlink()
         sockets = {_QMP_FD: str(self.qmp_path)}
-        monitors = ["-chardev", f"socket,id=qmpguard-mon,fd={_QMP_FD},server=on,wait=off",
-                    "-mon", "chardev=qmpguard-mon,mode=control"]
+        monitors = [
+            "-chardev",
+            f"socket,id=qmpguard-mon,fd={_QMP_FD},server=on,wait=off",
+            "-mon",
+            "chardev=qmpguard-mon,mode=control",
+        ]
         if self.setup_qmp_path is not None:
             self.setup_qmp_path.unlink(missing_ok=True)
             sockets[_SETUP_FD] = str(self.setup_qmp_path)
-            monitors += ["-chardev", f"socket,id=setup-mon,fd={_SETUP_FD},server=on,wait=off",
-                         "-mon", "chardev=setup-mon,mode=control"]
+            monitors += [
+                "-chardev",
+                f"socket,id=setup-mon,fd={_SETUP_FD},server=on,wait=off",
+                "-mon",
+                "chardev=setup-mon,mode=control",
+            ]
 
         def listen_in_child() -> None:
             for fd, path in sockets.items():
@@ -70,7 +78,8 @@ class QemuProcess:
         cmd = [
             self.binary,
             "-nodefaults",
-            "-display", "none",
+            "-display",
+            "none",
             *monitors,
             *self.args,
         ]
@@ -80,8 +89,13 @@ class QemuProcess:
             if self.stderr_path:
                 err = stack.enter_context(open(self.stderr_path, "wb"))
             self.popen = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                env=env, start_new_session=True, close_fds=False,
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                env=env,
+                start_new_session=True,
+                close_fds=False,
                 preexec_fn=listen_in_child,
             )
         return self

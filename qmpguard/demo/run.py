@@ -55,9 +55,17 @@ def demo_vm_args(name: str, sysfs: Path, viommu_first: bool) -> list[str]:
     viommu = ["-device", "intel-iommu,id=viommu0,caching-mode=on"]
     vfio = ["-device", f"vfio-pci,id=hostdev0,bus=pcie.0,addr=9.0,rombar=0,sysfsdev={sysfs}"]
     return [
-        "-name", name, "-S", "-accel", "tcg",
-        "-machine", "q35,kernel-irqchip=split", "-m", "64",
-        "-device", "e1000e,id=nic0,bus=pcie.0,addr=3.0",
+        "-name",
+        name,
+        "-S",
+        "-accel",
+        "tcg",
+        "-machine",
+        "q35,kernel-irqchip=split",
+        "-m",
+        "64",
+        "-device",
+        "e1000e,id=nic0,bus=pcie.0,addr=3.0",
         *(viommu + vfio if viommu_first else vfio + viommu),
     ]
 
@@ -98,10 +106,12 @@ def run_demo(fmt: str = "table", keep: bool = False) -> int:
         work = Path(tmp)
         try:
             for i, (name, first) in enumerate((("good-vm", True), ("bad-vm", False))):
-                sysfs = create_sysfs_device(work / name, VfioDeviceSpec(
-                    name=f"0000:0{i + 1}:00.0", group=40 + i))
+                sysfs = create_sysfs_device(
+                    work / name, VfioDeviceSpec(name=f"0000:0{i + 1}:00.0", group=40 + i)
+                )
                 vm = QemuProcess(
-                    args=demo_vm_args(name, sysfs, first), qmp_path=work / f"{name}.qmp",
+                    args=demo_vm_args(name, sysfs, first),
+                    qmp_path=work / f"{name}.qmp",
                     env=emulation_env(so_path, work / f"{name}.dma.log"),
                     stderr_path=work / f"{name}.stderr",
                 )
@@ -114,8 +124,12 @@ def run_demo(fmt: str = "table", keep: bool = False) -> int:
                 print(render_report(results))
                 print(OUTRO)
             if keep:
-                print("VMs running; QMP sockets: " + ", ".join(str(v.qmp_path) for v in vms)
-                      + "\nCtrl-C to stop.", file=sys.stderr)
+                print(
+                    "VMs running; QMP sockets: "
+                    + ", ".join(str(v.qmp_path) for v in vms)
+                    + "\nCtrl-C to stop.",
+                    file=sys.stderr,
+                )
                 for vm in vms:
                     assert vm.popen is not None
                     vm.popen.wait()
@@ -128,6 +142,5 @@ def run_demo(fmt: str = "table", keep: bool = False) -> int:
                 err = vm.stderr_text().strip()
                 if err:
                     print(f"{vm.qmp_path.stem}: {err.splitlines()[-1]}", file=sys.stderr)
-            print("qmpguard demo: the demo did not produce the expected verdicts",
-                  file=sys.stderr)
+            print("qmpguard demo: the demo did not produce the expected verdicts", file=sys.stderr)
         return 0 if ok else 1

@@ -69,11 +69,13 @@ class LibvirtSession:
         try:
             async with asyncio.timeout(self.timeouts.command):
                 text = await asyncio.to_thread(
-                    self.qemu.qemuMonitorCommand, self.domain, json.dumps(msg), 0)
+                    self.qemu.qemuMonitorCommand, self.domain, json.dumps(msg), 0
+                )
         except TimeoutError:
             raise InspectionError(
-                "timeout", f"{command} got no reply through libvirt within "
-                f"{self.timeouts.command:g}s") from None
+                "timeout",
+                f"{command} got no reply through libvirt within {self.timeouts.command:g}s",
+            ) from None
         except Exception as exc:  # libvirt.libvirtError and friends
             raise InspectionError("libvirt", f"libvirt: {_libvirt_error(exc)}") from None
         try:
@@ -114,7 +116,8 @@ async def open_libvirt_session(
         raise InspectionError("unreachable", f"libvirt {target.uri} did not answer") from None
     except libvirt.libvirtError as exc:
         raise InspectionError(
-            "unreachable", f"libvirt {target.uri}: {_libvirt_error(exc)}") from None
+            "unreachable", f"libvirt {target.uri}: {_libvirt_error(exc)}"
+        ) from None
     try:
         try:
             dom = await asyncio.to_thread(conn.lookupByName, target.address)
@@ -122,8 +125,13 @@ async def open_libvirt_session(
             raise InspectionError("no-domain", f"libvirt: {_libvirt_error(exc)}") from None
         if not dom.isActive():
             raise InspectionError("not-running", f"domain {target.address} is not running")
-        yield LibvirtSession(target=target, timeouts=timeouts, domain=dom,
-                             qemu=libvirt_qemu, peer=domain_peer(target.address))
+        yield LibvirtSession(
+            target=target,
+            timeouts=timeouts,
+            domain=dom,
+            qemu=libvirt_qemu,
+            peer=domain_peer(target.address),
+        )
     finally:
         with contextlib.suppress(Exception):
             conn.close()
@@ -162,12 +170,14 @@ class LifecycleWatcher:
             return False
         try:
             libvirt.virEventRegisterDefaultImpl()
-            threading.Thread(target=self._run, args=(libvirt,), daemon=True,
-                             name="libvirt-events").start()
+            threading.Thread(
+                target=self._run, args=(libvirt,), daemon=True, name="libvirt-events"
+            ).start()
             for uri in self.uris:
                 conn = libvirt.open(uri)
-                conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
-                                            self._event, None)
+                conn.domainEventRegisterAny(
+                    None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._event, None
+                )
                 self._conns.append(conn)
         except libvirt.libvirtError:
             return False

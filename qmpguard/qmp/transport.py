@@ -88,8 +88,10 @@ def read_process_cmdline(pid: int) -> PeerProcess:
         # SO_PEERCRED names whoever called listen(): a manager that created the socket
         # and passed it to QEMU, not QEMU itself. Its command line is no evidence.
         argv0 = args[0] if args else "?"
-        return PeerProcess(pid=pid, error=f"process {pid} ({argv0}) is not QEMU "
-                                          "(socket created by another process)")
+        return PeerProcess(
+            pid=pid,
+            error=f"process {pid} ({argv0}) is not QEMU (socket created by another process)",
+        )
     return PeerProcess(pid=pid, cmdline=args)
 
 
@@ -110,8 +112,7 @@ class Session(Protocol):
     peer: PeerProcess | None
     commands_sent: int
 
-    async def execute(self, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
-        ...
+    async def execute(self, command: str, arguments: Mapping[str, Any] | None = None) -> Any: ...
 
 
 @dataclass
@@ -219,8 +220,10 @@ async def open_session(
         except TimeoutError:
             if client.greeting is not None:
                 raise InspectionError(
-                    "timeout", f"{target.address} greeted but did not answer "
-                    f"qmp_capabilities within {timeouts.greeting:g}s") from None
+                    "timeout",
+                    f"{target.address} greeted but did not answer "
+                    f"qmp_capabilities within {timeouts.greeting:g}s",
+                ) from None
             raise InspectionError(
                 "busy",
                 f"monitor busy, held by another client: no QMP greeting from {target.address} "

@@ -18,13 +18,25 @@ def target_findings(result: TargetResult) -> list[Finding]:
     if result.analysis is not None:
         return result.analysis.findings
     assert result.error is not None
-    return [Finding("QG100", "unknown", None, f"target not inspected: {result.error.message}",
-                    (f"reason: {result.error.reason}",))]
+    return [
+        Finding(
+            "QG100",
+            "unknown",
+            None,
+            f"target not inspected: {result.error.message}",
+            (f"reason: {result.error.reason}",),
+        )
+    ]
 
 
 def finding_json(f: Finding) -> dict[str, Any]:
-    return {"code": f.code, "severity": f.severity, "device": f.device,
-            "message": f.message, "evidence": list(f.evidence)}
+    return {
+        "code": f.code,
+        "severity": f.severity,
+        "device": f.device,
+        "message": f.message,
+        "evidence": list(f.evidence),
+    }
 
 
 def device_json(d: DeviceAnalysis) -> dict[str, Any]:
@@ -41,8 +53,7 @@ def device_json(d: DeviceAnalysis) -> dict[str, Any]:
             "kind": b.kind,
             "viommu": b.viommu.path if b.viommu else None,
             "requester": (
-                {"bus": b.requester.bus, "devfn": b.requester.devfn_text}
-                if b.requester else None
+                {"bus": b.requester.bus, "devfn": b.requester.devfn_text} if b.requester else None
             ),
             "reason": b.reason,
         },

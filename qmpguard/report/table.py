@@ -35,15 +35,20 @@ def render_target(result: TargetResult) -> str:
         version = a.snapshot.qemu_version or "?"
         vi = ", ".join(f"{v.label} ({v.type})" for v in a.viommus) or "none"
         lines.append(f"== {result.target}  QEMU {version}  vIOMMU: {vi}")
-        rows = [["DEVICE", "TYPE", "BUS", "DEVFN", "BDF", "EXPECTED DMA SPACE", "ORDER",
-                 "VERDICT"]]
+        rows = [["DEVICE", "TYPE", "BUS", "DEVFN", "BDF", "EXPECTED DMA SPACE", "ORDER", "VERDICT"]]
         for d in a.devices:
-            rows.append([
-                d.device.label, d.device.type, short_bus(d.device.bus), d.device.devfn_text,
-                d.bdf or "-", expected_text(d),
-                d.order.relative if d.binding.kind == "viommu" else "-",
-                _VERDICT_TEXT[d.verdict],
-            ])
+            rows.append(
+                [
+                    d.device.label,
+                    d.device.type,
+                    short_bus(d.device.bus),
+                    d.device.devfn_text,
+                    d.bdf or "-",
+                    expected_text(d),
+                    d.order.relative if d.binding.kind == "viommu" else "-",
+                    _VERDICT_TEXT[d.verdict],
+                ]
+            )
         lines.extend("  " + r for r in _table(rows))
     findings = target_findings(result)
     if findings:

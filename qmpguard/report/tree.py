@@ -74,23 +74,48 @@ def tree_rows(vm: VmAnalysis, findings: list[Finding]) -> list[TreeRow]:
             role.append(f"translated by {covered[path].label} ({covered[path].type})")
         if not bus.express:
             role.append("conventional PCI: requester IDs aliased")
-        rows.append(TreeRow(depth, "bus", path.rsplit("/", 1)[-1],
-                            f"{bus.type}" + (f", {', '.join(role)}" if role else ""),
-                            "", None, False, False, "n/a", (), ()))
-        members = sorted((by_dev[p] for p in bus.devices if p in by_dev),
-                         key=lambda d: d.device.devfn)
+        rows.append(
+            TreeRow(
+                depth,
+                "bus",
+                path.rsplit("/", 1)[-1],
+                f"{bus.type}" + (f", {', '.join(role)}" if role else ""),
+                "",
+                None,
+                False,
+                False,
+                "n/a",
+                (),
+                (),
+            )
+        )
+        members = sorted(
+            (by_dev[p] for p in bus.devices if p in by_dev), key=lambda d: d.device.devfn
+        )
         for d in members:
             device_row(d, depth + 1)
 
     def device_row(d: DeviceAnalysis, depth: int) -> None:
         dev = d.device
         mine = tuple(f for f in findings if f.device == dev.path)
-        rows.append(TreeRow(
-            depth, "device", dev.label,
-            f"{dev.devfn_text} {d.bdf or '-'} {dev.type}", expected_text(d),
-            shared.get(dev.path), d.binding.kind == "memory", dev.vfio, d.verdict, mine,
-            tuple(f"{e.source}: {e.conclusion or 'inconclusive'}: {e.detail}"
-                  for e in d.order.evidence)))
+        rows.append(
+            TreeRow(
+                depth,
+                "device",
+                dev.label,
+                f"{dev.devfn_text} {d.bdf or '-'} {dev.type}",
+                expected_text(d),
+                shared.get(dev.path),
+                d.binding.kind == "memory",
+                dev.vfio,
+                d.verdict,
+                mine,
+                tuple(
+                    f"{e.source}: {e.conclusion or 'inconclusive'}: {e.detail}"
+                    for e in d.order.evidence
+                ),
+            )
+        )
         for child in sorted(child_buses.get(dev.path, [])):
             bus_row(child, depth + 1)
 
@@ -100,8 +125,13 @@ def tree_rows(vm: VmAnalysis, findings: list[Finding]) -> list[TreeRow]:
     return rows
 
 
-_COLOURS = {"critical": "\033[1;31m", "warning": "\033[33m", "memory": "\033[2m",
-            "reset": "\033[0m", "vfio": "\033[1m"}
+_COLOURS = {
+    "critical": "\033[1;31m",
+    "warning": "\033[33m",
+    "memory": "\033[2m",
+    "reset": "\033[0m",
+    "vfio": "\033[1m",
+}
 
 
 def _use_colour() -> bool:
@@ -128,16 +158,28 @@ def render_tree_target(result: TargetResult, colour: bool | None = None) -> str:
         if row.space:
             tags.append(f"shared space {row.space}")
         verdict = {"misbound": "MISBOUND", "unverified": "UNVERIFIED", "ok": "ok"}.get(
-            row.verdict, "")
-        line = (f"{indent}{row.label}  {row.detail}  -> {row.expected}"
-                + (f"  [{', '.join(tags)}]" if tags else "") + (f"  {verdict}" if verdict else ""))
-        style = (c["critical"] if row.verdict == "misbound" else
-                 c["vfio"] if row.vfio else c["memory"] if row.memory else "")
+            row.verdict, ""
+        )
+        line = (
+            f"{indent}{row.label}  {row.detail}  -> {row.expected}"
+            + (f"  [{', '.join(tags)}]" if tags else "")
+            + (f"  {verdict}" if verdict else "")
+        )
+        style = (
+            c["critical"]
+            if row.verdict == "misbound"
+            else c["vfio"]
+            if row.vfio
+            else c["memory"]
+            if row.memory
+            else ""
+        )
         lines.append(f"{style}{line}{c['reset'] if style else ''}")
         for f in row.findings:
             sev = c["critical"] if f.severity == "critical" else c["warning"]
-            lines.append(f"{indent}  {sev}! {f.code} {f.severity}{c['reset']}: "
-                         f"{f.message.split('. ')[0]}")
+            lines.append(
+                f"{indent}  {sev}! {f.code} {f.severity}{c['reset']}: {f.message.split('. ')[0]}"
+            )
     rest = [f for f in findings if f.device is None]
     lines.extend(f"  ! {f.code} {f.severity}: {f.message}" for f in rest)
     return "\n".join(lines)

@@ -26,17 +26,25 @@ def _browser():  # type: ignore[no-untyped-def]
     webdriver = pytest.importorskip("selenium.webdriver")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--window-size=1100,900"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1100,900",
+    ):
         options.add_argument(flag)
     service = webdriver.ChromeService(executable_path=CHROMEDRIVER)
     return webdriver.Chrome(options=options, service=service)
 
 
 def test_topology_page_shows_the_misbound_device(
-        qemu_vm: VmFactory, daemon: Callable[..., Daemon], tmp_path: Path,
-        fakevfio: Path) -> None:
+    qemu_vm: VmFactory, daemon: Callable[..., Daemon], tmp_path: Path, fakevfio: Path
+) -> None:
     vm = misbound_vm(qemu_vm, tmp_path, fakevfio, "vm1")
     name = f"unix:{vm.qmp_path}"
     d = daemon("--watch", str(tmp_path / "vm*[0-9].qmp"), "--interval", "30")

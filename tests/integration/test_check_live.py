@@ -43,8 +43,10 @@ def test_q35_intel_bindings_aliasing_bypass_and_virtio(qemu_vm: VmFactory) -> No
     devs = by_id(doc)
     assert doc["viommus"] == [{"path": "/machine/peripheral/iommu", "type": "intel-iommu"}]
     # Express root port: own requester ID.
-    assert devs["nic1"]["expected"]["requester"] == {"bus": "/machine/peripheral/rp1/rp1",
-                                                     "devfn": "00.0"}
+    assert devs["nic1"]["expected"]["requester"] == {
+        "bus": "/machine/peripheral/rp1/rp1",
+        "devfn": "00.0",
+    }
     # Behind a PCIe-to-PCI bridge: aliased to (its secondary bus, 00.0) - both devices,
     # and everything behind the nested pci-bridge too (the crossing nearest the root wins).
     alias = {"bus": "/machine/peripheral/ppb/ppb", "devfn": "00.0"}
@@ -91,8 +93,11 @@ def test_running_firmware_numbers_buses(qemu_vm: VmFactory, tmp_path: Path) -> N
             async with asyncio.timeout(30):
                 while True:  # bounded by the timeout: wait for firmware to number rp1's bus
                     buses = await client.execute("query-pci")
-                    if any(d.get("pci_bridge", {}).get("bus", {}).get("secondary", 0) > 0
-                           for b in buses for d in b["devices"]):
+                    if any(
+                        d.get("pci_bridge", {}).get("bus", {}).get("secondary", 0) > 0
+                        for b in buses
+                        for d in b["devices"]
+                    ):
                         return
                     await asyncio.sleep(0.05)
         finally:
@@ -105,9 +110,17 @@ def test_running_firmware_numbers_buses(qemu_vm: VmFactory, tmp_path: Path) -> N
 
 
 def test_no_viommu_all_memory(qemu_vm: VmFactory) -> None:
-    vm = qemu_vm("-S", "-M", "q35", "-m", "64",
-                 "-device", "pcie-root-port,id=rp1,chassis=1",
-                 "-device", "e1000e,id=nic1,bus=rp1")
+    vm = qemu_vm(
+        "-S",
+        "-M",
+        "q35",
+        "-m",
+        "64",
+        "-device",
+        "pcie-root-port,id=rp1,chassis=1",
+        "-device",
+        "e1000e,id=nic1,bus=rp1",
+    )
     doc = run_check(vm.qmp_path)
     assert doc["viommus"] == []
     assert {d["expected"]["kind"] for d in doc["devices"]} == {"memory"}
@@ -116,9 +129,17 @@ def test_no_viommu_all_memory(qemu_vm: VmFactory) -> None:
 
 
 def test_default_bus_bypass_iommu(qemu_vm: VmFactory) -> None:
-    vm = qemu_vm("-S", "-M", "q35,default-bus-bypass-iommu=true", "-m", "64",
-                 "-device", "intel-iommu,id=iommu,caching-mode=on",
-                 "-device", "e1000e,id=nic1")
+    vm = qemu_vm(
+        "-S",
+        "-M",
+        "q35,default-bus-bypass-iommu=true",
+        "-m",
+        "64",
+        "-device",
+        "intel-iommu,id=iommu,caching-mode=on",
+        "-device",
+        "e1000e,id=nic1",
+    )
     doc = run_check(vm.qmp_path)
     nic = by_id(doc)["nic1"]
     assert nic["expected"]["kind"] == "memory"
@@ -141,9 +162,17 @@ def test_virtio_iommu_pci_bus_order(qemu_vm: VmFactory, viommu_first: bool) -> N
 
 def test_json_device_options_are_realized_after_keyval(qemu_vm: VmFactory) -> None:
     """QEMU realizes key=val -device options before JSON ones, whatever their position."""
-    vm = qemu_vm("-S", "-M", "q35", "-m", "64",
-                 "-device", '{"driver": "e1000e", "id": "nic1"}',
-                 "-device", "virtio-iommu-pci,id=viommu")
+    vm = qemu_vm(
+        "-S",
+        "-M",
+        "q35",
+        "-m",
+        "64",
+        "-device",
+        '{"driver": "e1000e", "id": "nic1"}',
+        "-device",
+        "virtio-iommu-pci,id=viommu",
+    )
     order = by_id(run_check(vm.qmp_path))["nic1"]["order"]
     sources = {e["source"]: e for e in order["evidence"]}
     assert sources["bus-order"]["conclusion"] == "after"  # what QEMU really did
@@ -152,9 +181,18 @@ def test_json_device_options_are_realized_after_keyval(qemu_vm: VmFactory) -> No
 
 
 def test_hotplugged_device_is_after_viommu(qemu_vm: VmFactory) -> None:
-    vm = qemu_vm("-S", "-M", "q35", "-m", "64",
-                 "-device", "intel-iommu,id=iommu,caching-mode=on",
-                 "-device", "pcie-root-port,id=rp1,chassis=1", setup_monitor=True)
+    vm = qemu_vm(
+        "-S",
+        "-M",
+        "q35",
+        "-m",
+        "64",
+        "-device",
+        "intel-iommu,id=iommu,caching-mode=on",
+        "-device",
+        "pcie-root-port,id=rp1,chassis=1",
+        setup_monitor=True,
+    )
 
     async def hotplug() -> None:
         async with contextlib.asynccontextmanager(setup_client)(vm) as client:
@@ -171,9 +209,18 @@ def test_hotplugged_device_is_after_viommu(qemu_vm: VmFactory) -> None:
 
 @pytest.mark.skipif(shutil.which(QEMU_ARM) is None, reason="qemu-system-aarch64 not installed")
 def test_arm_virt_smmuv3(qemu_vm: VmFactory) -> None:
-    vm = qemu_vm("-S", "-M", "virt,iommu=smmuv3", "-m", "64",
-                 "-device", "pcie-root-port,id=rp1,chassis=1",
-                 "-device", "e1000e,id=nic1,bus=rp1", binary=QEMU_ARM)
+    vm = qemu_vm(
+        "-S",
+        "-M",
+        "virt,iommu=smmuv3",
+        "-m",
+        "64",
+        "-device",
+        "pcie-root-port,id=rp1,chassis=1",
+        "-device",
+        "e1000e,id=nic1,bus=rp1",
+        binary=QEMU_ARM,
+    )
     doc = run_check(vm.qmp_path)
     record_evidence(doc, "ARM virt,iommu=smmuv3", vfio_only=False)
     assert [v["type"] for v in doc["viommus"]] == ["arm-smmuv3"]
@@ -188,13 +235,25 @@ def test_snapshot_replay_equals_live(qemu_vm: VmFactory, tmp_path: Path) -> None
     vm = qemu_vm(*Q35_INTEL_TOPOLOGY)
     out = tmp_path / "vm.json"
     qmpguard = [sys.executable, "-m", "qmpguard"]
-    snap = subprocess.run([*qmpguard, "snapshot", str(vm.qmp_path), "-o", str(out)],
-                          capture_output=True, text=True, timeout=60)
+    snap = subprocess.run(
+        [*qmpguard, "snapshot", str(vm.qmp_path), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert snap.returncode == 0, snap.stderr
-    live = subprocess.run([*qmpguard, "check", "--format", "json", str(vm.qmp_path)],
-                          capture_output=True, text=True, timeout=60)
-    offline = subprocess.run([*qmpguard, "check", "--format", "json", "--snapshot", str(out)],
-                             capture_output=True, text=True, timeout=60)
+    live = subprocess.run(
+        [*qmpguard, "check", "--format", "json", str(vm.qmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    offline = subprocess.run(
+        [*qmpguard, "check", "--format", "json", "--snapshot", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert live.returncode == offline.returncode == 1  # QG005 warning
     live_doc, off_doc = json.loads(live.stdout), json.loads(offline.stdout)
     assert live_doc["targets"][0]["devices"] == off_doc["targets"][0]["devices"]
@@ -210,8 +269,9 @@ def test_busy_monitor_fails_fast(qemu_vm: VmFactory) -> None:
         holder = QMPClient("holder")
         await holder.connect(str(vm.qmp_path))
         try:
-            return await inspect_target(parse_target(str(vm.qmp_path)),
-                                        Timeouts(greeting=0.5, command=2), overall=5)
+            return await inspect_target(
+                parse_target(str(vm.qmp_path)), Timeouts(greeting=0.5, command=2), overall=5
+            )
         finally:
             await holder.disconnect()
 
@@ -232,16 +292,24 @@ def test_cli_errors_are_one_line_exit_3(tmp_path: Path) -> None:
         "bogus-target": "cannot parse target",
     }
     for target, needle in cases.items():
-        proc = subprocess.run([sys.executable, "-m", "qmpguard", "check", target],
-                              capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(
+            [sys.executable, "-m", "qmpguard", "check", target],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert proc.returncode == 3, (target, proc.stdout, proc.stderr)
         assert "Traceback" not in proc.stderr + proc.stdout
         assert needle in proc.stdout + proc.stderr, (target, proc.stdout, proc.stderr)
 
 
 def test_usage_error_exits_3() -> None:
-    proc = subprocess.run([sys.executable, "-m", "qmpguard", "check", "--format", "xml", "x"],
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [sys.executable, "-m", "qmpguard", "check", "--format", "xml", "x"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 3
     assert "Traceback" not in proc.stderr
 
@@ -252,10 +320,20 @@ def test_tcp_target_without_cmdline(qemu_vm: VmFactory) -> None:
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
     probe.close()
-    vm = qemu_vm("-S", "-M", "q35", "-m", "64",
-                 "-qmp", f"tcp:127.0.0.1:{port},server=on,wait=off",
-                 "-device", "intel-iommu,id=iommu,caching-mode=on", "-device", "e1000e,id=nic1",
-                 setup_monitor=True)
+    vm = qemu_vm(
+        "-S",
+        "-M",
+        "q35",
+        "-m",
+        "64",
+        "-qmp",
+        f"tcp:127.0.0.1:{port},server=on,wait=off",
+        "-device",
+        "intel-iommu,id=iommu,caching-mode=on",
+        "-device",
+        "e1000e,id=nic1",
+        setup_monitor=True,
+    )
 
     async def tcp_ready() -> None:  # the UNIX monitors listen before QEMU runs; TCP does not
         async with contextlib.asynccontextmanager(setup_client)(vm) as client:
@@ -268,14 +346,19 @@ def test_tcp_target_without_cmdline(qemu_vm: VmFactory) -> None:
     nic = by_id(doc)["nic1"]
     assert nic["expected"]["requester"] == {"bus": "/machine/q35/pcie.0", "devfn": "01.0"}
     assert nic["order"]["evidence"][0]["detail"] == (
-        "QEMU command line not available (not a local socket)")
+        "QEMU command line not available (not a local socket)"
+    )
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_demo_stops_its_vms_on_signal(sig: int) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "qmpguard", "demo", "--keep"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qmpguard", "demo", "--keep"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
     try:
         assert proc.stderr is not None
         line = proc.stderr.readline()  # printed once the VMs are up

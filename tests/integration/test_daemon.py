@@ -39,8 +39,15 @@ from tests.conftest import VmFactory, requires_qemu, setup_client
 from tests.hostile_peer import MODES, HostileFakeQMPPeer
 
 pytestmark = [pytest.mark.integration, requires_qemu]
-BASE_VM = ("-S", "-M", "q35,kernel-irqchip=split", "-m", "64",
-           "-device", "intel-iommu,id=viommu,caching-mode=on")
+BASE_VM = (
+    "-S",
+    "-M",
+    "q35,kernel-irqchip=split",
+    "-m",
+    "64",
+    "-device",
+    "intel-iommu,id=viommu,caching-mode=on",
+)
 
 
 def free_port() -> int:
@@ -97,10 +104,21 @@ def daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     def start(*args: str, token: str | None = None) -> Daemon:
         port = free_port()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "qmpguard", "daemon", "--listen", f"127.0.0.1:{port}",
-             "--log-format", "json", *args],
-            stdout=subprocess.PIPE, stderr=open(tmp_path / f"daemon-{port}.log", "w"),  # noqa: SIM115
-            text=True)
+            [
+                sys.executable,
+                "-m",
+                "qmpguard",
+                "daemon",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--log-format",
+                "json",
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=open(tmp_path / f"daemon-{port}.log", "w"),  # noqa: SIM115
+            text=True,
+        )
         started.append(proc)
         d = Daemon(proc, port, token)
 
@@ -133,14 +151,24 @@ def fakevfio(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def misbound_vm(qemu_vm: VmFactory, tmp_path: Path, so: Path, name: str) -> QemuProcess:
     sysfs = create_sysfs_device(tmp_path / f"{name}-dev", VfioDeviceSpec("0000:01:00.0", 1))
-    return qemu_vm("-S", "-M", "q35,kernel-irqchip=split", "-m", "64",
-                   "-device", f"vfio-pci,id=hostdev0,sysfsdev={sysfs},rombar=0",
-                   "-device", "intel-iommu,id=viommu,caching-mode=on",
-                   name=name, env=emulation_env(so, tmp_path / f"{name}.dma"))
+    return qemu_vm(
+        "-S",
+        "-M",
+        "q35,kernel-irqchip=split",
+        "-m",
+        "64",
+        "-device",
+        f"vfio-pci,id=hostdev0,sysfsdev={sysfs},rombar=0",
+        "-device",
+        "intel-iommu,id=viommu,caching-mode=on",
+        name=name,
+        env=emulation_env(so, tmp_path / f"{name}.dma"),
+    )
 
 
-def test_discovery_findings_metrics_and_removal(qemu_vm: VmFactory, daemon: Callable[..., Daemon],
-                                                tmp_path: Path, fakevfio: Path) -> None:
+def test_discovery_findings_metrics_and_removal(
+    qemu_vm: VmFactory, daemon: Callable[..., Daemon], tmp_path: Path, fakevfio: Path
+) -> None:
     d = daemon("--watch", str(tmp_path / "vm*[0-9].qmp"), "--interval", "30")
     assert d.vms() == {}
     vm = misbound_vm(qemu_vm, tmp_path, fakevfio, "vm1")
@@ -162,10 +190,17 @@ def test_discovery_findings_metrics_and_removal(qemu_vm: VmFactory, daemon: Call
     assert name not in d.metrics()
 
 
-def test_hotplug_is_reflected(qemu_vm: VmFactory, daemon: Callable[..., Daemon],
-                              tmp_path: Path, fakevfio: Path) -> None:
-    vm = qemu_vm(*BASE_VM, "-device", "pcie-root-port,id=rp1,chassis=1", name="vm2",
-                 setup_monitor=True, env=emulation_env(fakevfio, tmp_path / "vm2.dma"))
+def test_hotplug_is_reflected(
+    qemu_vm: VmFactory, daemon: Callable[..., Daemon], tmp_path: Path, fakevfio: Path
+) -> None:
+    vm = qemu_vm(
+        *BASE_VM,
+        "-device",
+        "pcie-root-port,id=rp1,chassis=1",
+        name="vm2",
+        setup_monitor=True,
+        env=emulation_env(fakevfio, tmp_path / "vm2.dma"),
+    )
     d = daemon("--watch", str(tmp_path / "vm*[0-9].qmp"), "--interval", "1")
     name = f"unix:{vm.qmp_path}"
     wait_for(lambda: d.vms().get(name, {}).get("status") == "ok", what="first inspection")
@@ -174,19 +209,24 @@ def test_hotplug_is_reflected(qemu_vm: VmFactory, daemon: Callable[..., Daemon],
 
     async def hotplug() -> None:
         async with contextlib.asynccontextmanager(setup_client)(vm) as client:
-            await client.execute("device_add", {"driver": "vfio-pci", "id": "hot0",
-                                                "bus": "rp1", "sysfsdev": str(sysfs)})
+            await client.execute(
+                "device_add",
+                {"driver": "vfio-pci", "id": "hot0", "bus": "rp1", "sysfsdev": str(sysfs)},
+            )
 
     asyncio.run(hotplug())
-    wait_for(lambda: any(dev["id"] == "hot0" for dev in d.vm(name).get("devices", [])),
-             what="hot-plugged device in the API")
+    wait_for(
+        lambda: any(dev["id"] == "hot0" for dev in d.vm(name).get("devices", [])),
+        what="hot-plugged device in the API",
+    )
     hot = next(dev for dev in d.vm(name)["devices"] if dev["id"] == "hot0")
     assert hot["verdict"] == "ok" and hot["order"]["evidence"][0]["source"] == "hotplugged"
     assert f'qmpguard_vfio_devices{{verdict="ok",vm="{name}"}} 1.0' in d.metrics()
 
 
 def test_busy_and_hostile_peers_do_not_stall_healthy_vms(
-        qemu_vm: VmFactory, daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    qemu_vm: VmFactory, daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
     """Every HostileFakeQMPPeer misbehaviour at once, plus a busy monitor, next to a healthy
     VM: the healthy one keeps its schedule, each bad one is down with a reason."""
     healthy = qemu_vm(*BASE_VM, name="vm3")
@@ -211,38 +251,49 @@ def test_busy_and_hostile_peers_do_not_stall_healthy_vms(
             first = d.vms()[ok_name]["last_inspection"]
             # The healthy VM keeps being re-inspected on its own 1 s schedule although the
             # hostile peers stall for their whole timeouts.
-            wait_for(lambda: d.vms()[ok_name]["last_inspection"] > first + 1.5, timeout=10,
-                     what="healthy VM re-inspected on schedule")
+            wait_for(
+                lambda: d.vms()[ok_name]["last_inspection"] > first + 1.5,
+                timeout=10,
+                what="healthy VM re-inspected on schedule",
+            )
             bad = [f"unix:{busy.qmp_path}", *(f"unix:{p}" for p in hostile.values())]
-            vms = wait_for(lambda: (v := d.vms()) and all(
-                v.get(n, {}).get("status") == "error" for n in bad) and v,
-                timeout=30, what="every bad peer reported down")
+            vms = wait_for(
+                lambda: (
+                    (v := d.vms()) and all(v.get(n, {}).get("status") == "error" for n in bad) and v
+                ),
+                timeout=30,
+                what="every bad peer reported down",
+            )
             assert "monitor busy" in vms[f"unix:{busy.qmp_path}"]["error"]
             assert all(vms[n]["error"] and "\n" not in vms[n]["error"] for n in bad)
             assert d.vms()[ok_name]["up"]
             metrics = d.metrics()
             assert f'qmpguard_vm_up{{vm="unix:{busy.qmp_path}"}} 0.0' in metrics
-            assert f'qmpguard_inspection_errors_total{{reason="busy",vm="unix:{busy.qmp_path}"}}' \
+            assert (
+                f'qmpguard_inspection_errors_total{{reason="busy",vm="unix:{busy.qmp_path}"}}'
                 in metrics
+            )
 
         asyncio.run(scenario())
 
 
-def test_held_monitor_stays_open_and_reinspects(qemu_vm: VmFactory,
-                                                daemon: Callable[..., Daemon],
-                                                tmp_path: Path) -> None:
+def test_held_monitor_stays_open_and_reinspects(
+    qemu_vm: VmFactory, daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
     """hold = true: the daemon keeps the monitor (others find it busy) and re-inspects."""
     vm = qemu_vm(*BASE_VM, name="held1")
     config = tmp_path / "held.toml"
-    config.write_text(f'watch = []\ninterval = 1\n[[target]]\naddress = "unix:{vm.qmp_path}"\n'
-                      "hold = true\n")
+    config.write_text(
+        f'watch = []\ninterval = 1\n[[target]]\naddress = "unix:{vm.qmp_path}"\nhold = true\n'
+    )
     d = daemon("--config", str(config))
     name = f"unix:{vm.qmp_path}"
     wait_for(lambda: d.vms().get(name, {}).get("status") == "ok", what="held VM")
     first = d.vms()[name]["last_inspection"]
     wait_for(lambda: d.vms()[name]["last_inspection"] > first, what="re-inspection")
-    other = asyncio.run(inspect_target(parse_target(str(vm.qmp_path)),
-                                       Timeouts(greeting=0.5), overall=5))
+    other = asyncio.run(
+        inspect_target(parse_target(str(vm.qmp_path)), Timeouts(greeting=0.5), overall=5)
+    )
     assert other.error is not None and other.error.reason == "busy"
 
 
@@ -252,8 +303,9 @@ def test_device_events_wake_a_held_inspection() -> None:
 
     async def feed(event: str) -> bool:
         poke.clear()
-        await listener.put(Message({"event": event, "data": {},
-                                    "timestamp": {"seconds": 0, "microseconds": 0}}))
+        await listener.put(
+            Message({"event": event, "data": {}, "timestamp": {"seconds": 0, "microseconds": 0}})
+        )
         return poke.is_set()
 
     assert asyncio.run(feed("DEVICE_DELETED"))
@@ -261,8 +313,9 @@ def test_device_events_wake_a_held_inspection() -> None:
     assert listener._queue.qsize() == 0  # stores nothing: a flood costs no memory
 
 
-def test_sighup_reload_and_sigterm(qemu_vm: VmFactory, daemon: Callable[..., Daemon],
-                                   tmp_path: Path) -> None:
+def test_sighup_reload_and_sigterm(
+    qemu_vm: VmFactory, daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
     b.mkdir()
@@ -303,24 +356,31 @@ def test_token_and_bad_requests(daemon: Callable[..., Daemon], tmp_path: Path) -
 def test_config_errors_exit_3_with_one_line(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     config.write_text('listen = "127.0.0.1:9464"\n\ninterval = "soon"\n')
-    proc = subprocess.run([sys.executable, "-m", "qmpguard", "daemon", "--config", str(config)],
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [sys.executable, "-m", "qmpguard", "daemon", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 3
-    assert proc.stderr.strip() == (f"qmpguard: error: {config}:3: 'interval' must be a "
-                                   "positive number, got 'soon'")
+    assert proc.stderr.strip() == (
+        f"qmpguard: error: {config}:3: 'interval' must be a positive number, got 'soon'"
+    )
 
 
 def test_socket_recreated_by_new_qemu_has_no_stale_verdicts(
-        qemu_vm: VmFactory, daemon: Callable[..., Daemon], tmp_path: Path,
-        fakevfio: Path) -> None:
+    qemu_vm: VmFactory, daemon: Callable[..., Daemon], tmp_path: Path, fakevfio: Path
+) -> None:
     first = misbound_vm(qemu_vm, tmp_path, fakevfio, "vm8")
     name = f"unix:{first.qmp_path}"
     d = daemon("--watch", str(tmp_path / "vm*[0-9].qmp"), "--interval", "30")
     wait_for(lambda: d.vms().get(name, {}).get("findings") == ["QG001"], what="first VM")
     first.stop()
     qemu_vm(*BASE_VM, "-device", "e1000e,id=nic9", name="vm8")  # a new VM, same path
-    wait_for(lambda: any(dev["id"] == "nic9" for dev in d.vm(name).get("devices", [])),
-             what="the new VM inspected as new")
+    wait_for(
+        lambda: any(dev["id"] == "nic9" for dev in d.vm(name).get("devices", [])),
+        what="the new VM inspected as new",
+    )
     assert d.vms()[name]["findings"] == []
     assert "QG001" not in d.metrics()
 
@@ -338,29 +398,62 @@ def test_malformed_http_requests_get_4xx(daemon: Callable[..., Daemon]) -> None:
         with socket.create_connection(("127.0.0.1", d.port), timeout=5) as s:
             s.sendall(raw)
             status_line = s.recv(200).split(b"\r\n", 1)[0]
-        assert status_line.startswith(b"HTTP/1.") and status_line.split()[1][:1] == b"4", \
-            (raw[:40], status_line)
+        assert status_line.startswith(b"HTTP/1.") and status_line.split()[1][:1] == b"4", (
+            raw[:40],
+            status_line,
+        )
     assert d.get("/healthz")[0] == 200
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not installed")
 def test_tls(daemon: Callable[..., Daemon], tmp_path: Path) -> None:
     cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     config = tmp_path / "config.toml"
     config.write_text(f'watch = []\n[http]\ntls_cert = "{cert}"\ntls_key = "{key}"\n')
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "qmpguard", "daemon", "--config", str(config),
-                             "--listen", f"127.0.0.1:{port}"], stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "qmpguard",
+            "daemon",
+            "--config",
+            str(config),
+            "--listen",
+            f"127.0.0.1:{port}",
+        ],
+        stderr=subprocess.DEVNULL,
+    )
     try:
         ctx = ssl.create_default_context(cafile=str(cert))
 
         def https_ok() -> bool:
             try:
-                with urllib.request.urlopen(f"https://127.0.0.1:{port}/healthz", context=ctx,
-                                            timeout=5) as resp:
+                with urllib.request.urlopen(
+                    f"https://127.0.0.1:{port}/healthz", context=ctx, timeout=5
+                ) as resp:
                     return resp.status == 200
             except OSError:
                 assert proc.poll() is None

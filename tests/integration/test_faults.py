@@ -19,8 +19,17 @@ from qmpguard.targets import parse_target
 from tests.conftest import VmFactory, requires_qemu
 
 pytestmark = [pytest.mark.integration, requires_qemu]
-VM = ("-S", "-M", "q35", "-m", "64", "-device", "intel-iommu,caching-mode=on",
-      "-device", "e1000e,id=nic1")
+VM = (
+    "-S",
+    "-M",
+    "q35",
+    "-m",
+    "64",
+    "-device",
+    "intel-iommu,caching-mode=on",
+    "-device",
+    "e1000e,id=nic1",
+)
 
 
 def test_qemu_killed_during_collection(qemu_vm: VmFactory, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -44,9 +53,21 @@ def test_frozen_qemu_times_out(qemu_vm: VmFactory) -> None:
     os.kill(vm.pid, signal.SIGSTOP)
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "qmpguard", "check", "--greeting-timeout", "1",
-             "--timeout", "5", str(vm.qmp_path)],
-            capture_output=True, text=True, timeout=30)
+            [
+                sys.executable,
+                "-m",
+                "qmpguard",
+                "check",
+                "--greeting-timeout",
+                "1",
+                "--timeout",
+                "5",
+                str(vm.qmp_path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     finally:
         os.kill(vm.pid, signal.SIGCONT)
     assert proc.returncode == 3
@@ -54,8 +75,9 @@ def test_frozen_qemu_times_out(qemu_vm: VmFactory) -> None:
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
-def test_frozen_after_greeting_hits_command_timeout(qemu_vm: VmFactory,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_frozen_after_greeting_hits_command_timeout(
+    qemu_vm: VmFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     vm = qemu_vm(*VM)
     real_execute = QMPSession.execute
 
@@ -66,8 +88,11 @@ def test_frozen_after_greeting_hits_command_timeout(qemu_vm: VmFactory,
 
     monkeypatch.setattr(QMPSession, "execute", execute_then_freeze)
     try:
-        result = asyncio.run(inspect_target(parse_target(str(vm.qmp_path)),
-                                            Timeouts(greeting=2, command=1), overall=10))
+        result = asyncio.run(
+            inspect_target(
+                parse_target(str(vm.qmp_path)), Timeouts(greeting=2, command=1), overall=10
+            )
+        )
     finally:
         os.kill(vm.pid, signal.SIGCONT)
     assert result.error is not None and result.error.reason == "timeout"
@@ -110,9 +135,20 @@ def test_failed_snapshot_write_leaves_no_partial_file(qemu_vm: VmFactory, tmp_pa
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 
     proc = subprocess.run(
-        [sys.executable, "-m", "qmpguard", "snapshot", str(vm.qmp_path), "-o",
-         str(out_dir / "vm.json")],
-        capture_output=True, text=True, timeout=30, preexec_fn=small_files)
+        [
+            sys.executable,
+            "-m",
+            "qmpguard",
+            "snapshot",
+            str(vm.qmp_path),
+            "-o",
+            str(out_dir / "vm.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        preexec_fn=small_files,
+    )
     assert proc.returncode == 3, proc.stderr
     assert "cannot write" in proc.stderr and "Traceback" not in proc.stderr
     assert list(out_dir.iterdir()) == []

@@ -33,13 +33,15 @@ _MEASURED = (
 
 def run_with_rss(args: list[str]) -> tuple[subprocess.CompletedProcess[str], int]:
     """Run `qmpguard ARGS`; also return its own peak RSS in KiB."""
-    proc = subprocess.run([sys.executable, "-c", _MEASURED, *args], capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEASURED, *args], capture_output=True, text=True, timeout=60
+    )
     peak = [ln for ln in proc.stderr.splitlines() if ln.startswith("PEAK-RSS-KIB")]
     assert peak, proc.stderr
     stderr = "\n".join(ln for ln in proc.stderr.splitlines() if not ln.startswith("PEAK-RSS"))
-    return subprocess.CompletedProcess(args, proc.returncode, proc.stdout, stderr), \
-        int(peak[0].split()[1])
+    return subprocess.CompletedProcess(args, proc.returncode, proc.stdout, stderr), int(
+        peak[0].split()[1]
+    )
 
 
 #: The one-line reason each misbehaviour must produce (the failure it really causes).
@@ -64,9 +66,18 @@ def test_cli_survives_hostile_peer(tmp_path: Path, mode: str) -> None:
     sock = tmp_path / "hostile.qmp"
     with HostileFakeQMPPeer(sock, mode):
         start = time.monotonic()
-        proc, peak_kib = run_with_rss([
-            "check", "--greeting-timeout", "1",
-            "--command-timeout", "2", "--timeout", "8", str(sock)])
+        proc, peak_kib = run_with_rss(
+            [
+                "check",
+                "--greeting-timeout",
+                "1",
+                "--command-timeout",
+                "2",
+                "--timeout",
+                "8",
+                str(sock),
+            ]
+        )
         elapsed = time.monotonic() - start
     output = proc.stdout + proc.stderr
     assert proc.returncode == 3, output

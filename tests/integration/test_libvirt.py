@@ -130,16 +130,24 @@ def test_libvirt_without_viommu(libvirt_domain: Callable[..., str]) -> None:
 
 def test_libvirt_all_and_monitor_socket_refused(libvirt_domain: Callable[..., str]) -> None:
     name = libvirt_domain(NO_VIOMMU)
-    proc = subprocess.run([sys.executable, "-m", "qmpguard", "check", "--libvirt-all",
-                           "--format", "json"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "qmpguard", "check", "--libvirt-all", "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert f"libvirt:{name}" in proc.stdout
     # The domain's own monitor socket: qmpguard refuses it at once and says what to use.
     socks = list(Path("/var/lib/libvirt/qemu").glob(f"domain-*-{name[:20]}/monitor.sock"))
     assert socks, "libvirt's monitor socket not found"
     start = time.monotonic()
-    direct = subprocess.run([sys.executable, "-m", "qmpguard", "check", str(socks[0])],
-                            capture_output=True, text=True, timeout=60)
+    direct = subprocess.run(
+        [sys.executable, "-m", "qmpguard", "check", str(socks[0])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert direct.returncode == 3
     assert "use the target libvirt:DOMAIN" in direct.stdout
     assert time.monotonic() - start < 10
@@ -147,15 +155,20 @@ def test_libvirt_all_and_monitor_socket_refused(libvirt_domain: Callable[..., st
 
 def test_missing_domain_is_one_line() -> None:
     _connect().close()
-    proc = subprocess.run([sys.executable, "-m", "qmpguard", "check", "libvirt:no-such-dom"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "qmpguard", "check", "libvirt:no-such-dom"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 3
     assert "Traceback" not in proc.stdout + proc.stderr
     assert "no-such-dom" in proc.stdout
 
 
-def test_daemon_follows_domain_start_and_stop(libvirt_domain: Callable[..., str],
-                                              tmp_path: Path) -> None:
+def test_daemon_follows_domain_start_and_stop(
+    libvirt_domain: Callable[..., str], tmp_path: Path
+) -> None:
     """With a 10-minute rescan, only libvirt's lifecycle events can make this fast."""
     from tests.integration.test_daemon import Daemon, free_port, wait_for
 
@@ -163,8 +176,20 @@ def test_daemon_follows_domain_start_and_stop(libvirt_domain: Callable[..., str]
     config.write_text('watch = []\nrescan_interval = 600\nlibvirt_uris = ["qemu:///system"]\n')
     port = free_port()
     log = open(tmp_path / "daemon.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "qmpguard", "daemon", "--config", str(config),
-                             "--listen", f"127.0.0.1:{port}"], stderr=log, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "qmpguard",
+            "daemon",
+            "--config",
+            str(config),
+            "--listen",
+            f"127.0.0.1:{port}",
+        ],
+        stderr=log,
+        text=True,
+    )
     try:
         d = Daemon(proc, port)
 
@@ -177,8 +202,11 @@ def test_daemon_follows_domain_start_and_stop(libvirt_domain: Callable[..., str]
         wait_for(listening, what="daemon")
         name = libvirt_domain(NO_VIOMMU)
         started = time.monotonic()
-        wait_for(lambda: d.vms().get(f"libvirt:{name}", {}).get("status") == "ok",
-                 timeout=30, what="domain start seen")
+        wait_for(
+            lambda: d.vms().get(f"libvirt:{name}", {}).get("status") == "ok",
+            timeout=30,
+            what="domain start seen",
+        )
         assert time.monotonic() - started < 30
         conn = _connect()
         conn.lookupByName(name).destroy()

@@ -74,17 +74,34 @@ def vfio(dev_id: str, bus: str, addr: str, root: Path, group: int) -> str:
     return f"vfio-pci,id={dev_id},sysfsdev={sysfs},bus={bus},addr={addr},rombar=0"
 
 
-def start(qemu_vm: VmFactory, tmp_path: Path, built: Built, devices: list[str], guest: bool,
-          extra: list[str] | None = None, setup_monitor: bool = False, name: str = "vm") -> Run:
+def start(
+    qemu_vm: VmFactory,
+    tmp_path: Path,
+    built: Built,
+    devices: list[str],
+    guest: bool,
+    extra: list[str] | None = None,
+    setup_monitor: bool = False,
+    name: str = "vm",
+) -> Run:
     dma_log, console = tmp_path / f"{name}.dma.log", tmp_path / f"{name}.debugcon.txt"
-    args = ["-M", "q35,kernel-irqchip=split", "-m", str(RAM_MIB),
-            "-object", f"memory-backend-memfd,id=mem,size={RAM_MIB}M",
-            "-machine", "memory-backend=mem", *(extra or [])]
+    args = [
+        "-M",
+        "q35,kernel-irqchip=split",
+        "-m",
+        str(RAM_MIB),
+        "-object",
+        f"memory-backend-memfd,id=mem,size={RAM_MIB}M",
+        "-machine",
+        "memory-backend=mem",
+        *(extra or []),
+    ]
     args += ["-kernel", str(built.guest), "-debugcon", f"file:{console}"] if guest else ["-S"]
     for dev in devices:
         args += ["-device", dev]
-    vm = qemu_vm(*args, env=emulation_env(built.so, dma_log), setup_monitor=setup_monitor,
-                 name=name)
+    vm = qemu_vm(
+        *args, env=emulation_env(built.so, dma_log), setup_monitor=setup_monitor, name=name
+    )
     run = Run(vm, dma_log, console)
     asyncio.run(wait_ready(vm))
     if guest:
@@ -133,8 +150,11 @@ def device(doc: dict[str, Any], dev_id: str) -> dict[str, Any]:
 
 
 def codes(doc: dict[str, Any], dev_id: str | None = None) -> list[str]:
-    return sorted(f["code"] for f in doc["findings"]
-                  if dev_id is None or f["device"] == f"/machine/peripheral/{dev_id}")
+    return sorted(
+        f["code"]
+        for f in doc["findings"]
+        if dev_id is None or f["device"] == f"/machine/peripheral/{dev_id}"
+    )
 
 
 def accepted_silently(run: Run) -> bool:
@@ -164,9 +184,11 @@ def assert_consistent(run: Run, doc: dict[str, Any], dev_id: str) -> None:
 
 # ------------------------------------------------------------------ scenarios
 
+
 def test_no_viommu(qemu_vm: VmFactory, tmp_path: Path, built: Built) -> None:
-    run = start(qemu_vm, tmp_path, built, [vfio("hostdev0", "pcie.0", "9.0", tmp_path, 1)],
-                guest=False)
+    run = start(
+        qemu_vm, tmp_path, built, [vfio("hostdev0", "pcie.0", "9.0", tmp_path, 1)], guest=False
+    )
     assert all_ram_mapped(run) and len(mapped_bytes(run.dma_log)) == 1
     doc = check(run)
     dev = device(doc, "hostdev0")
@@ -176,8 +198,9 @@ def test_no_viommu(qemu_vm: VmFactory, tmp_path: Path, built: Built) -> None:
 
 
 @pytest.mark.parametrize("viommu_first", [True, False], ids=["intel-first", "intel-after"])
-def test_intel_iommu_order(qemu_vm: VmFactory, tmp_path: Path, built: Built,
-                           viommu_first: bool) -> None:
+def test_intel_iommu_order(
+    qemu_vm: VmFactory, tmp_path: Path, built: Built, viommu_first: bool
+) -> None:
     dev = vfio("hostdev0", "pcie.0", "9.0", tmp_path, 1)
     nics = ["e1000e,bus=pcie.0,addr=3.0", "e1000e,bus=pcie.0,addr=4.0"]
     devices = [INTEL, dev, *nics] if viommu_first else [dev, INTEL, *nics]
@@ -196,23 +219,27 @@ def test_intel_iommu_order(qemu_vm: VmFactory, tmp_path: Path, built: Built,
     bare = check_without_cmdline(run, "intel-iommu, guest translating, no cmdline")
     assert device(bare, "hostdev0")["verdict"] == "unverified"
     assert codes(bare, "hostdev0") == ["QG002"]
-    as_order = next(e for e in device(bare, "hostdev0")["order"]["evidence"]
-                    if e["source"] == "iommu-as-order")
+    as_order = next(
+        e for e in device(bare, "hostdev0")["order"]["evidence"] if e["source"] == "iommu-as-order"
+    )
     assert as_order["conclusion"] is None and "flat views" in as_order["detail"]
     # The same VM paused before firmware: the vtd spaces share one flat view and the
     # address-space order alone decides, rightly.
     paused = start(qemu_vm, tmp_path, built, devices, guest=False, name="paused")
     bare = check_without_cmdline(paused, "intel-iommu, -S, no cmdline")
-    assert device(bare, "hostdev0")["verdict"] == ("ok" if viommu_first else "misbound"), \
-        device(bare, "hostdev0")["order"]
-    as_order = next(e for e in device(bare, "hostdev0")["order"]["evidence"]
-                    if e["source"] == "iommu-as-order")
+    assert device(bare, "hostdev0")["verdict"] == ("ok" if viommu_first else "misbound"), device(
+        bare, "hostdev0"
+    )["order"]
+    as_order = next(
+        e for e in device(bare, "hostdev0")["order"]["evidence"] if e["source"] == "iommu-as-order"
+    )
     assert as_order["conclusion"] == ("after" if viommu_first else "before")
 
 
 @pytest.mark.parametrize("viommu_first", [True, False], ids=["virtio-first", "virtio-after"])
-def test_virtio_iommu_order(qemu_vm: VmFactory, tmp_path: Path, built: Built,
-                            viommu_first: bool) -> None:
+def test_virtio_iommu_order(
+    qemu_vm: VmFactory, tmp_path: Path, built: Built, viommu_first: bool
+) -> None:
     dev = vfio("hostdev0", "pcie.0", "9.0", tmp_path, 1)
     nics = ["e1000e,bus=pcie.0,addr=3.0"]
     devices = [VIRTIO, dev, *nics] if viommu_first else [dev, VIRTIO, *nics]
@@ -220,8 +247,7 @@ def test_virtio_iommu_order(qemu_vm: VmFactory, tmp_path: Path, built: Built,
     assert nothing_mapped(run) if viommu_first else all_ram_mapped(run)
     doc = check(run, "virtio-iommu-pci, -S")
     assert device(doc, "hostdev0")["verdict"] == ("ok" if viommu_first else "misbound")
-    sources = {e["source"]: e["conclusion"]
-               for e in device(doc, "hostdev0")["order"]["evidence"]}
+    sources = {e["source"]: e["conclusion"] for e in device(doc, "hostdev0")["order"]["evidence"]}
     expected = "after" if viommu_first else "before"
     assert sources == {"cmdline": expected, "bus-order": expected, "iommu-as-order": expected}
     assert_consistent(run, doc, "hostdev0")
@@ -229,11 +255,17 @@ def test_virtio_iommu_order(qemu_vm: VmFactory, tmp_path: Path, built: Built,
     assert device(bare, "hostdev0")["verdict"] == ("ok" if viommu_first else "misbound")
 
 
-def test_mtree_alone_cannot_tell_says_unverified(qemu_vm: VmFactory, tmp_path: Path,
-                                                 built: Built) -> None:
+def test_mtree_alone_cannot_tell_says_unverified(
+    qemu_vm: VmFactory, tmp_path: Path, built: Built
+) -> None:
     """vfio at 01.0 with nothing between 00.0 and it: both orders give the same sequence."""
-    run = start(qemu_vm, tmp_path, built,
-                [vfio("hostdev0", "pcie.0", "1.0", tmp_path, 1), INTEL], guest=False)
+    run = start(
+        qemu_vm,
+        tmp_path,
+        built,
+        [vfio("hostdev0", "pcie.0", "1.0", tmp_path, 1), INTEL],
+        guest=False,
+    )
     assert all_ram_mapped(run)  # before translation both orders map everything
     doc = check_without_cmdline(run)
     hostdev = device(doc, "hostdev0")
@@ -242,11 +274,15 @@ def test_mtree_alone_cannot_tell_says_unverified(qemu_vm: VmFactory, tmp_path: P
     assert device(check(run), "hostdev0")["verdict"] == "misbound"  # the cmdline knows
 
 
-def test_two_vfio_behind_pcie_pci_bridge_share_a_space(qemu_vm: VmFactory, tmp_path: Path,
-                                                       built: Built) -> None:
-    devices = [INTEL, "pcie-pci-bridge,id=ppb,bus=pcie.0,addr=5.0",
-               vfio("hostdev0", "ppb", "1.0", tmp_path, 1),
-               vfio("hostdev1", "ppb", "2.0", tmp_path, 2)]
+def test_two_vfio_behind_pcie_pci_bridge_share_a_space(
+    qemu_vm: VmFactory, tmp_path: Path, built: Built
+) -> None:
+    devices = [
+        INTEL,
+        "pcie-pci-bridge,id=ppb,bus=pcie.0,addr=5.0",
+        vfio("hostdev0", "ppb", "1.0", tmp_path, 1),
+        vfio("hostdev1", "ppb", "2.0", tmp_path, 2),
+    ]
     run = start(qemu_vm, tmp_path, built, devices, guest=True)
     containers = mapped_bytes(run.dma_log)
     assert len(containers) == 1, containers  # one address space -> one VFIO container
@@ -254,15 +290,20 @@ def test_two_vfio_behind_pcie_pci_bridge_share_a_space(qemu_vm: VmFactory, tmp_p
     doc = check(run)
     for dev_id in ("hostdev0", "hostdev1"):
         assert device(doc, dev_id)["expected"]["requester"] == {
-            "bus": "/machine/peripheral/ppb/ppb", "devfn": "00.0"}
+            "bus": "/machine/peripheral/ppb/ppb",
+            "devfn": "00.0",
+        }
         assert device(doc, dev_id)["verdict"] == "ok"
         assert codes(doc, dev_id) == ["QG004"]
 
 
 def test_vfio_on_bypass_root_bus(qemu_vm: VmFactory, tmp_path: Path, built: Built) -> None:
-    devices = [INTEL, "pxb-pcie,id=pxb,bus_nr=64,bypass_iommu=true,bus=pcie.0,addr=6.0",
-               "pcie-root-port,id=rp9,chassis=9,bus=pxb",
-               vfio("hostdev0", "rp9", "0.0", tmp_path, 1)]
+    devices = [
+        INTEL,
+        "pxb-pcie,id=pxb,bus_nr=64,bypass_iommu=true,bus=pcie.0,addr=6.0",
+        "pcie-root-port,id=rp9,chassis=9,bus=pxb",
+        vfio("hostdev0", "rp9", "0.0", tmp_path, 1),
+    ]
     run = start(qemu_vm, tmp_path, built, devices, guest=True)
     assert all_ram_mapped(run)  # translation is on, yet the device still reaches all RAM
     doc = check(run)
@@ -271,10 +312,17 @@ def test_vfio_on_bypass_root_bus(qemu_vm: VmFactory, tmp_path: Path, built: Buil
     assert_consistent(run, doc, "hostdev0")
 
 
-def test_hotplugged_vfio_is_bound_correctly(qemu_vm: VmFactory, tmp_path: Path,
-                                            built: Built) -> None:
-    run = start(qemu_vm, tmp_path, built, [INTEL, "pcie-root-port,id=rp1,chassis=1"],
-                guest=True, setup_monitor=True)
+def test_hotplugged_vfio_is_bound_correctly(
+    qemu_vm: VmFactory, tmp_path: Path, built: Built
+) -> None:
+    run = start(
+        qemu_vm,
+        tmp_path,
+        built,
+        [INTEL, "pcie-root-port,id=rp1,chassis=1"],
+        guest=True,
+        setup_monitor=True,
+    )
     sysfs_dev = vfio("hot0", "rp1", "0.0", tmp_path, 5)
     props: dict[str, object] = dict(kv.split("=", 1) for kv in sysfs_dev.split(",")[1:])
     props["rombar"] = 0  # QEMU 10.0's device_add wants an integer here
@@ -289,17 +337,29 @@ def test_hotplugged_vfio_is_bound_correctly(qemu_vm: VmFactory, tmp_path: Path,
     hot = device(doc, "hot0")
     assert hot["verdict"] == "ok"
     assert hot["order"]["evidence"][0] == {
-        "source": "hotplugged", "conclusion": "after",
-        "detail": "hot-plugged after machine init; a vIOMMU cannot be"}
+        "source": "hotplugged",
+        "conclusion": "after",
+        "detail": "hot-plugged after machine init; a vIOMMU cannot be",
+    }
 
 
-def test_intel_without_caching_mode_is_refused(tmp_path: Path, built: Built,
-                                               qemu_vm: VmFactory) -> None:
+def test_intel_without_caching_mode_is_refused(
+    tmp_path: Path, built: Built, qemu_vm: VmFactory
+) -> None:
     """QEMU refuses intel-iommu without caching-mode=on next to vfio-pci, in either order."""
     dev = vfio("hostdev0", "pcie.0", "9.0", tmp_path, 1)
-    vm = qemu_vm("-S", "-M", "q35,kernel-irqchip=split", "-m", "64",
-                 "-device", "intel-iommu", "-device", dev,
-                 env=emulation_env(built.so, tmp_path / "dma.log"))
+    vm = qemu_vm(
+        "-S",
+        "-M",
+        "q35,kernel-irqchip=split",
+        "-m",
+        "64",
+        "-device",
+        "intel-iommu",
+        "-device",
+        dev,
+        env=emulation_env(built.so, tmp_path / "dma.log"),
+    )
     assert vm.popen is not None
     assert vm.popen.wait(timeout=30) != 0
     assert "caching-mode=on" in vm.stderr_text()

@@ -32,13 +32,18 @@ def devices(snap: Snapshot) -> dict[str, Any]:
 def test_q35_bindings_from_snapshot(path: Path) -> None:
     devs = devices(load_snapshot(path))
     alias = {"bus": "/machine/peripheral/ppb/ppb", "devfn": "00.0"}
-    assert {n: devs[n]["expected"]["requester"] for n in ("legacy1", "legacy2", "pb", "deep")} \
-        == dict.fromkeys(("legacy1", "legacy2", "pb", "deep"), alias)
-    assert devs["nic1"]["expected"]["requester"] == {"bus": "/machine/peripheral/rp1/rp1",
-                                                     "devfn": "00.0"}
+    assert {
+        n: devs[n]["expected"]["requester"] for n in ("legacy1", "legacy2", "pb", "deep")
+    } == dict.fromkeys(("legacy1", "legacy2", "pb", "deep"), alias)
+    assert devs["nic1"]["expected"]["requester"] == {
+        "bus": "/machine/peripheral/rp1/rp1",
+        "devfn": "00.0",
+    }
     assert devs["vnbypass"]["expected"]["kind"] == "memory"
     assert devs["mch" if "mch" in devs else "/machine/q35/mch"]["expected"]["requester"] == {
-        "bus": "/machine/q35/pcie.0", "devfn": "00.0"}
+        "bus": "/machine/q35/pcie.0",
+        "devfn": "00.0",
+    }
     assert devs["nic1"]["order"]["relative_to_viommu"] == "after"
 
 
@@ -65,12 +70,15 @@ def _mutated(doc: dict[str, Any], command: str, value: Any) -> Snapshot:
     return snapshot_from_json(doc)
 
 
-@pytest.mark.parametrize(("command", "value"), [
-    ("qom-list", "not a list"),
-    ("qom-list", [{"name": 1}]),
-    ("qom-get", {"nested": ["junk"]}),
-    ("qom-list-types", 42),
-])
+@pytest.mark.parametrize(
+    ("command", "value"),
+    [
+        ("qom-list", "not a list"),
+        ("qom-list", [{"name": 1}]),
+        ("qom-get", {"nested": ["junk"]}),
+        ("qom-list-types", 42),
+    ],
+)
 def test_wrong_shapes_become_clear_errors_not_verdicts(command: str, value: Any) -> None:
     doc = load_snapshot(snapshots("q35-intel-topology")[0]).to_json()
     snap = _mutated(doc, command, value)

@@ -51,9 +51,19 @@ def build(spec: Spec) -> tuple[Topology, list[VIommu]]:
         devfn = slots[bus] << 3
         slots[bus] += 1
         devices[path] = PciDevice(
-            path=path, id=None, type=dtype, bus=bus, devfn=devfn, creation_index=slots[bus],
-            hotplugged=False, vfio=False, virtio=False, iommu_platform=None,
-            pcie_to_pci_bridge=pcie_to_pci, viommu_kind=None)
+            path=path,
+            id=None,
+            type=dtype,
+            bus=bus,
+            devfn=devfn,
+            creation_index=slots[bus],
+            hotplugged=False,
+            vfio=False,
+            virtio=False,
+            iommu_platform=None,
+            pcie_to_pci_bridge=pcie_to_pci,
+            viommu_kind=None,
+        )
 
     add("/pxb", "pxb-pcie", "main")
     bus_names = ["main", "pxbroot"]
@@ -74,14 +84,26 @@ def build(spec: Spec) -> tuple[Topology, list[VIommu]]:
     topo = Topology(machine_type="q35", main_root="main")
     for name, b in buses.items():
         topo.buses[name] = PciBus(
-            path=name, type="PCIE" if b["express"] else "PCI", express=bool(b["express"]),
-            owner=str(b["parent"] or "host"), root=bool(b["root"]), bypass_iommu=bool(b["bypass"]),
+            path=name,
+            type="PCIE" if b["express"] else "PCI",
+            express=bool(b["express"]),
+            owner=str(b["parent"] or "host"),
+            root=bool(b["root"]),
+            bypass_iommu=bool(b["bypass"]),
             parent_device=b["parent"],  # type: ignore[arg-type]
-            devices=tuple(p for p, d in devices.items() if d.bus == name))
+            devices=tuple(p for p, d in devices.items() if d.bus == name),
+        )
     topo.devices.update(devices)
     covers = "main" if spec.viommu_on_main else "pxbroot"
-    viommu = VIommu(path="/iommu", type="intel-iommu", kind="intel", covers=covers,
-                    machine_created=False, hotplugged=False, caching_mode=True)
+    viommu = VIommu(
+        path="/iommu",
+        type="intel-iommu",
+        kind="intel",
+        covers=covers,
+        machine_created=False,
+        hotplugged=False,
+        caching_mode=True,
+    )
     return topo, [viommu]
 
 

@@ -46,18 +46,21 @@ hold = true
     assert s.greeting_timeout == 1 and s.target_timeout == 10
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("interval = 0", "c.toml:1: 'interval' must be a positive number, got 0"),
-    ('\n\nlisten = "nowhere"', "c.toml:3: 'listen' must be HOST:PORT, got 'nowhere'"),
-    ("watch = 5", "c.toml:1: 'watch' must be a list of non-empty strings"),
-    ("colour = 'red'", "c.toml:1: unknown key 'colour'"),
-    ("concurrency = true", "c.toml:1: 'concurrency' must be a positive integer, got True"),
-    ("[[target]]\naddress = 'bogus'", "'address': cannot parse target 'bogus'"),
-    ("[timeouts]\nslow = 3", "unknown key 'timeouts.slow'"),
-    ("[http]\ntls_cert = '/x'", "'http.tls_cert' and 'http.tls_key' go together"),
-    ("[http]\ntoken_file = '/nonexistent/token'", "'http.token_file': cannot read"),
-    ("interval = ", "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("interval = 0", "c.toml:1: 'interval' must be a positive number, got 0"),
+        ('\n\nlisten = "nowhere"', "c.toml:3: 'listen' must be HOST:PORT, got 'nowhere'"),
+        ("watch = 5", "c.toml:1: 'watch' must be a list of non-empty strings"),
+        ("colour = 'red'", "c.toml:1: unknown key 'colour'"),
+        ("concurrency = true", "c.toml:1: 'concurrency' must be a positive integer, got True"),
+        ("[[target]]\naddress = 'bogus'", "'address': cannot parse target 'bogus'"),
+        ("[timeouts]\nslow = 3", "unknown key 'timeouts.slow'"),
+        ("[http]\ntls_cert = '/x'", "'http.tls_cert' and 'http.tls_key' go together"),
+        ("[http]\ntoken_file = '/nonexistent/token'", "'http.token_file': cannot read"),
+        ("interval = ", "not valid TOML"),
+    ],
+)
 def test_errors_name_the_key(text: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         settings_from_toml(text, "c.toml")

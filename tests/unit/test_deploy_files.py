@@ -13,16 +13,24 @@ import yaml
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
 
-@pytest.mark.parametrize("name", ["prometheus.yml", "qmpguard.rules.yml",
-                                  "qmpguard.rules.test.yml", "kubernetes/daemonset.yaml"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "prometheus.yml",
+        "qmpguard.rules.yml",
+        "qmpguard.rules.test.yml",
+        "kubernetes/daemonset.yaml",
+    ],
+)
 def test_yaml_parses(name: str) -> None:
     docs = list(yaml.safe_load_all((DEPLOY / name).read_text()))
     assert docs and all(isinstance(d, dict) for d in docs)
 
 
 def test_daemonset_runs_the_daemon() -> None:
-    docs = {d["kind"]: d for d in yaml.safe_load_all((DEPLOY / "kubernetes/daemonset.yaml")
-                                                     .read_text())}
+    docs = {
+        d["kind"]: d for d in yaml.safe_load_all((DEPLOY / "kubernetes/daemonset.yaml").read_text())
+    }
     container = docs["DaemonSet"]["spec"]["template"]["spec"]["containers"][0]
     assert container["args"][0] == "daemon"
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
@@ -30,8 +38,12 @@ def test_daemonset_runs_the_daemon() -> None:
 
 def test_unit_is_hardened() -> None:
     unit = (DEPLOY / "qmpguard.service").read_text()
-    for line in ("ProtectSystem=strict", "NoNewPrivileges=yes",
-                 "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6", "User=qmpguard"):
+    for line in (
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+        "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+        "User=qmpguard",
+    ):
         assert line in unit
 
 
@@ -45,12 +57,21 @@ def _promtool() -> str:
 
 
 def test_promtool_check_rules() -> None:
-    proc = subprocess.run([_promtool(), "check", "rules", str(DEPLOY / "qmpguard.rules.yml")],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [_promtool(), "check", "rules", str(DEPLOY / "qmpguard.rules.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_qg001_alert_fires_within_one_scrape_interval() -> None:
-    proc = subprocess.run([_promtool(), "test", "rules", "qmpguard.rules.test.yml"],
-                          capture_output=True, text=True, timeout=60, cwd=DEPLOY)
+    proc = subprocess.run(
+        [_promtool(), "test", "rules", "qmpguard.rules.test.yml"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=DEPLOY,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
