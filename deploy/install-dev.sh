@@ -17,6 +17,7 @@ PACKAGES=(
   libvirt-dev pkg-config            # to build libvirt-python (qmpguard[libvirt])
   chromium chromium-driver          # headless browser test of the daemon's topology page
   openssl                           # a throwaway certificate for the daemon TLS test
+  patchelf                          # points trixie's QEMU 11.1 at its own libraries
 )
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -29,8 +30,9 @@ if [ ${#missing[@]} -gt 0 ]; then
     "${missing[@]}" >/dev/null
 fi
 
-# QEMU 10.0 beside the system 7.2, for the version test matrix (no system change).
+# QEMU 10.0 and 11.1 beside the system 7.2, for the version test matrix (no system change).
 deploy/fetch-qemu-backport.sh
+deploy/fetch-qemu-11.sh
 
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv

@@ -26,26 +26,32 @@ from qmpguard.qmp.allowlist import ForbiddenCommand, check_command
 
 REPO = Path(__file__).resolve().parent.parent
 QEMU_ARM = "qemu-system-aarch64"
+#: QEMU builds unpacked into .cache by deploy/ scripts (no system change), oldest first.
+CACHED_QEMU = {"10.0": "qemu-10.0", "11.1": "qemu-11.1"}
 
 
-def qemu_matrix() -> dict[str, str]:
-    """The x86 QEMU builds the integration tests run on, by label.
+def qemu_matrix(arch: str = "x86_64") -> dict[str, str]:
+    """The QEMU builds the integration tests run on, by label, for x86_64 or aarch64.
 
-    QMPGUARD_TEST_QEMU=/path/to/qemu-system-x86_64 runs them on that binary alone;
-    otherwise the system QEMU (7.2 on Debian 12) and, when deploy/fetch-qemu-backport.sh
-    has unpacked it, bookworm-backports' 10.0.
+    QMPGUARD_TEST_QEMU=/path/to/qemu-system-x86_64 (QMPGUARD_TEST_QEMU_ARM for aarch64)
+    runs them on that binary alone; otherwise the system QEMU (7.2 on Debian 12) and each
+    build in .cache that deploy/install-dev.sh has unpacked: bookworm-backports' 10.0
+    (x86_64 only, deploy/fetch-qemu-backport.sh) and trixie-backports' 11.1 (x86_64 and
+    aarch64, deploy/fetch-qemu-11.sh).
     """
-    override = os.environ.get("QMPGUARD_TEST_QEMU")
+    override = os.environ.get("QMPGUARD_TEST_QEMU" + ("_ARM" if arch == "aarch64" else ""))
     if override:
         return {"custom": override}
-    matrix = {"system": "qemu-system-x86_64"}
-    backport = REPO / ".cache" / "qemu-10.0" / "qemu-system-x86_64"
-    if backport.exists():
-        matrix["10.0"] = str(backport)
+    matrix = {"system": f"qemu-system-{arch}"}
+    for label, folder in CACHED_QEMU.items():
+        binary = REPO / ".cache" / folder / f"qemu-system-{arch}"
+        if binary.exists():
+            matrix[label] = str(binary)
     return matrix
 
 
 QEMU_MATRIX = qemu_matrix()
+QEMU_ARM_MATRIX = qemu_matrix("aarch64")
 QEMU_X86 = next(iter(QEMU_MATRIX.values()))
 SETUP_MARKER = "qmpguard-test-setup"
 

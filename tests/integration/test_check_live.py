@@ -21,7 +21,14 @@ from qmpguard.qmp.transport import Timeouts
 from qmpguard.report.document import report_json, target_json
 from qmpguard.snapshot import load_snapshot
 from qmpguard.targets import parse_target
-from tests.conftest import QEMU_ARM, VmFactory, record_evidence, requires_qemu, setup_client
+from tests.conftest import (
+    QEMU_ARM_MATRIX,
+    QEMU_MATRIX,
+    VmFactory,
+    record_evidence,
+    requires_qemu,
+    setup_client,
+)
 from tests.scenarios import I440FX_PCI_BRIDGE, Q35_INTEL_TOPOLOGY
 
 pytestmark = [pytest.mark.integration, requires_qemu]
@@ -207,8 +214,12 @@ def test_hotplugged_device_is_after_viommu(qemu_vm: VmFactory) -> None:
     assert cmdline["conclusion"] is None and "not a -device" in cmdline["detail"]
 
 
-@pytest.mark.skipif(shutil.which(QEMU_ARM) is None, reason="qemu-system-aarch64 not installed")
-def test_arm_virt_smmuv3(qemu_vm: VmFactory) -> None:
+# The VMs are aarch64 ones: the x86 matrix is pinned to its first build, the ARM one varies.
+@pytest.mark.parametrize("qemu_vm", [next(iter(QEMU_MATRIX))], indirect=True, ids=["aarch64"])
+@pytest.mark.parametrize("arm", list(QEMU_ARM_MATRIX), ids=lambda label: f"qemu-{label}")
+def test_arm_virt_smmuv3(qemu_vm: VmFactory, arm: str) -> None:
+    if shutil.which(QEMU_ARM_MATRIX[arm]) is None:
+        pytest.skip(f"{QEMU_ARM_MATRIX[arm]} not installed")
     vm = qemu_vm(
         "-S",
         "-M",
@@ -219,7 +230,7 @@ def test_arm_virt_smmuv3(qemu_vm: VmFactory) -> None:
         "pcie-root-port,id=rp1,chassis=1",
         "-device",
         "e1000e,id=nic1,bus=rp1",
-        binary=QEMU_ARM,
+        binary=QEMU_ARM_MATRIX[arm],
     )
     doc = run_check(vm.qmp_path)
     record_evidence(doc, "ARM virt,iommu=smmuv3", vfio_only=False)
