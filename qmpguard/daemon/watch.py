@@ -2,18 +2,24 @@
 
 Every VM has its own task; a shared semaphore bounds how many inspect at once; each
 inspection is bounded by the target timeout, so one hung or hostile VM delays nobody.
+A VM's task ends only when the VM goes away or the daemon stops: whatever an inspection
+raises is logged once, counted and retried after a bounded back-off.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import glob
 import os
 import random
 import stat
 import time
+import traceback
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import structlog
@@ -32,6 +38,80 @@ log = structlog.get_logger("qmpguard.daemon")
 
 #: Events after which a held connection re-inspects at once (QEMU 7.2 has no DEVICE_ADDED).
 REINSPECT_EVENTS = ("DEVICE_DELETED", "DEVICE_ADDED")
+#: Back-off after n failures is 2**min(n, this) s (capped by the interval): the exponent
+#: is bounded so no failure count overflows a float (2.0**1024 did, after ~17 h).
+MAX_BACKOFF_EXPONENT = 16
+#: errno values that mean the host ran short, not that the VM misbehaved.
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+Inspect = Callable[..., Awaitable[TargetResult]]
+OpenSession = Callable[..., contextlib.AbstractAsyncContextManager[Any]]
+Pause = Callable[[asyncio.Event, float], Awaitable[None]]
+
+
+#: The inspection-error reason every unexpected fault is counted under (metric label).
+FAULT_REASON = "internal"
+
+
+class FaultKind(StrEnum):
+    """What an unexpected exception says about its cause (the `kind` of its log line)."""
+
+    RESOURCES = "resources"  # out of file descriptors or memory: the host, not the VM
+    INTERNAL = "internal"  # a bug in qmpguard or a library
+
+    @property
+    def headline(self) -> str:
+        return "host out of resources" if self is FaultKind.RESOURCES else "internal error"
+
+
+def fault_kind(exc: BaseException) -> FaultKind:
+    """Resource exhaustion is told apart: the operator's fix differs (limits, not code)."""
+    if isinstance(exc, MemoryError):
+        return FaultKind.RESOURCES
+    if isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS:
+        return FaultKind.RESOURCES
+    return FaultKind.INTERNAL
+
+
+def describe_fault(exc: BaseException) -> str:
+    """`Type: message` on one line, even for an exception whose str() itself raises."""
+    try:
+        text = str(exc)
+    except Exception:
+        text = ""
+    first = text.splitlines()[0] if text.strip() else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def fault_location(exc: BaseException) -> str | None:
+    """The innermost frame (`file:line in func`): enough to find a bug, in one JSON field."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return None
+    last = frames[-1]
+    return f"{last.filename}:{last.lineno} in {last.name}"
+
+
+def backoff_delay(failures: int, interval: float) -> float:
+    """Seconds to the next attempt: the jittered interval after a success, 2, 4, 8 … s
+    (never more than the interval) after consecutive failures, for any failure count."""
+    if failures <= 0:
+        return interval * random.uniform(0.9, 1.1)
+    return min(interval, 2.0 ** min(failures, MAX_BACKOFF_EXPONENT))
+
+
+async def pause_until_poked(poke: asyncio.Event, delay: float) -> None:
+    """Wait `delay` seconds, or less if a device event pokes (the default Pause)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(delay):
+            await poke.wait()
+
+
+def _really_cancelled() -> bool:
+    """A CancelledError is ours only if this task was asked to stop; a library's stray
+    one must not end a VM's watch."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 class PokeListener(EventListener):  # type: ignore[misc]
@@ -54,8 +134,11 @@ class Watched:
     source: str
     hold: bool
     identity: tuple[int, int] | None = None  # (inode, ctime) of a watched socket
+    patterns: tuple[str, ...] = ()  # the watch globs in force when it was found
     poke: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+    started: float = 0.0  # monotonic start of the current attempt
+    reported: str | None = None  # exception type already logged in this failure run
 
 
 def socket_identity(path: str) -> tuple[int, int] | None:
@@ -69,10 +152,24 @@ def socket_identity(path: str) -> tuple[int, int] | None:
 class Scheduler:
     """Keeps the set of watched VMs current and inspects each on schedule."""
 
-    def __init__(self, settings: Settings, store: ResultStore, duration: Histogram) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: ResultStore,
+        duration: Histogram,
+        *,
+        inspect: Inspect = inspect_target,
+        session: OpenSession = open_session,
+        pause: Pause = pause_until_poked,
+    ) -> None:
+        """`inspect`, `session` and `pause` are the seams a test drives the schedule
+        through: failures of every kind, and no real time spent waiting."""
         self.settings = settings
         self.store = store
         self.duration = duration
+        self.inspect = inspect
+        self.session = session
+        self.pause = pause
         self.watched: dict[str, Watched] = {}
         self.gate = asyncio.Semaphore(settings.concurrency)
         self._libvirt_errors: set[str] = set()
@@ -100,34 +197,62 @@ class Scheduler:
         return found
 
     async def rescan(self) -> None:
+        """Start a task for each new VM, restart one whose socket a new QEMU re-created,
+        and end those that are gone (their sockets, not a failed directory listing)."""
         found = await self.discover()
         for name in list(self.watched):
-            if name not in found:
+            if name not in found and not self._still_listening(self.watched[name]):
                 await self._drop(name)
         for name, (target, source, hold) in found.items():
             ident = socket_identity(target.address) if target.kind == "unix" else None
             entry = self.watched.get(name)
             if entry is None:
-                entry = Watched(target, source, hold, ident)
+                entry = Watched(target, source, hold, ident, self.settings.watch)
                 self.watched[name] = entry
                 self.store.add(name, source)
-                entry.task = asyncio.create_task(self._run_target(entry), name=name)
+                self._start(entry)
             elif ident is not None and ident != entry.identity:
                 # Same path, new socket: a new QEMU. Forget the old verdicts, look now.
                 entry.identity = ident
                 self.store.forget_result(name)
-                if entry.task is not None:
-                    entry.task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await entry.task
-                entry.task = asyncio.create_task(self._run_target(entry), name=name)
+                await self._end(entry)
+                self._start(entry)
+            elif entry.task is None or entry.task.done():
+                log.error("watch_restarted", vm=name)  # cannot happen; if it does, heal
+                self._start(entry)
+
+    def _still_listening(self, entry: Watched) -> bool:
+        """glob() answers [] when it cannot list a directory (no fd left, EMFILE): a watched
+        socket that still exists, under unchanged globs, stays watched."""
+        return (
+            entry.source == "watch"
+            and entry.patterns == self.settings.watch
+            and entry.identity is not None
+            and socket_identity(entry.target.address) == entry.identity
+        )
+
+    def _start(self, entry: Watched) -> None:
+        entry.reported = None
+        entry.task = asyncio.create_task(self._run_target(entry), name=entry.target.name)
+
+    async def _end(self, entry: Watched) -> None:
+        """Cancel a VM's task and wait for it; whatever it died of never reaches the
+        caller (rescan, or the daemon's stop: SIGTERM still exits 0)."""
+        task, entry.task = entry.task, None
+        if task is None:
+            return
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            if _really_cancelled():
+                raise
+        except Exception as exc:
+            log.error("watch_ended", vm=entry.target.name, error=describe_fault(exc))
 
     async def _drop(self, name: str) -> None:
         entry = self.watched.pop(name)
-        if entry.task is not None:
-            entry.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await entry.task
+        await self._end(entry)
         self.store.remove(name)
 
     async def stop(self) -> None:
@@ -141,56 +266,94 @@ class Scheduler:
     def _next_delay(self, entry: Watched) -> float:
         record = self.store.vms.get(entry.target.name)
         failures = record.consecutive_failures if record else 0
-        interval = self.settings.interval
-        if failures:
-            return min(interval, 2.0**failures)  # back off: 2, 4, 8 ... up to interval
-        return interval * random.uniform(0.9, 1.1)
+        return backoff_delay(failures, self.settings.interval)
 
     async def _wait(self, entry: Watched) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self._next_delay(entry)):
-                await entry.poke.wait()
+        await self.pause(entry.poke, self._next_delay(entry))
         entry.poke.clear()
 
-    async def _record(self, entry: Watched, result: TargetResult, started: float) -> None:
-        elapsed = time.monotonic() - started
+    async def _record(self, entry: Watched, result: TargetResult) -> None:
+        elapsed = time.monotonic() - entry.started
         self.duration.observe(elapsed)
         self.store.update(entry.target.name, result, elapsed)
+        if result.ok:
+            entry.reported = None  # the failure run is over: a new one is logged again
 
     async def _run_target(self, entry: Watched) -> None:
+        """Inspect on schedule until cancelled (VM gone, daemon stopping)."""
         if entry.hold:
             await self._run_held(entry)
             return
         while True:
-            async with self.gate:
-                started = time.monotonic()
-                result = await inspect_target(
-                    entry.target, self._timeouts(), self.settings.target_timeout
-                )
-            await self._record(entry, result, started)
+            await self._attempt(entry, self._inspect_once)
             await self._wait(entry)
 
+    async def _inspect_once(self, entry: Watched) -> None:
+        async with self.gate:
+            entry.started = time.monotonic()
+            result = await self.inspect(
+                entry.target, self._timeouts(), self.settings.target_timeout
+            )
+        await self._record(entry, result)
+
     async def _run_held(self, entry: Watched) -> None:
-        """Keep the monitor open and re-inspect at once on device events."""
+        """Keep the monitor open and re-inspect at once on device events; reconnect after
+        any failure."""
         while True:
-            started = time.monotonic()
-            try:
-                async with open_session(entry.target, self._timeouts()) as session:
-                    session.client.register_listener(PokeListener(entry.poke))
-                    while True:
-                        async with self.gate:
-                            started = time.monotonic()
-                            async with asyncio.timeout(self.settings.target_timeout):
-                                snap = await collect(session)
-                        await self._record(
-                            entry, analyse_snapshot(entry.target.name, snap), started
-                        )
-                        await self._wait(entry)
-            except TimeoutError:
-                err = InspectionError(
-                    "timeout", f"inspection exceeded {self.settings.target_timeout:g}s"
-                )
-                await self._record(entry, TargetResult(entry.target.name, None, None, err), started)
-            except InspectionError as exc:
-                await self._record(entry, TargetResult(entry.target.name, None, None, exc), started)
+            await self._attempt(entry, self._hold_session)
             await self._wait(entry)
+
+    async def _hold_session(self, entry: Watched) -> None:
+        async with self.session(entry.target, self._timeouts()) as session:
+            session.client.register_listener(PokeListener(entry.poke))
+            while True:
+                async with self.gate:
+                    entry.started = time.monotonic()
+                    async with asyncio.timeout(self.settings.target_timeout):
+                        snap = await collect(session)
+                await self._record(entry, analyse_snapshot(entry.target.name, snap))
+                await self._wait(entry)
+
+    async def _attempt(self, entry: Watched, body: Callable[[Watched], Awaitable[None]]) -> None:
+        """Run one attempt. Every failure becomes a recorded result (and so a back-off
+        and a metric); only a real cancellation or interpreter exit gets through."""
+        entry.started = time.monotonic()
+        try:
+            await body(entry)
+            return
+        except TimeoutError:
+            failure = InspectionError(
+                "timeout", f"inspection exceeded {self.settings.target_timeout:g}s"
+            )
+        except InspectionError as exc:
+            failure = exc
+        except (KeyboardInterrupt, SystemExit, GeneratorExit):
+            raise
+        except BaseException as exc:  # a watch must outlive any bug
+            if isinstance(exc, asyncio.CancelledError) and _really_cancelled():
+                raise
+            failure = self._fault(entry, exc)
+        try:
+            await self._record(entry, TargetResult(entry.target.name, None, None, failure))
+        except Exception as exc:  # the store itself failed: say so, keep the schedule
+            self._fault(entry, exc)
+
+    def _fault(self, entry: Watched, exc: BaseException) -> InspectionError:
+        """Log an unexpected exception once per failure run and exception type; the
+        returned error is counted as reason `internal`, its message names the kind."""
+        kind = fault_kind(exc)
+        text = describe_fault(exc)
+        name = type(exc).__name__
+        if entry.reported != name:
+            entry.reported = name
+            with contextlib.suppress(Exception):  # stderr gone must not end the watch
+                log.error(
+                    "watch_error",
+                    vm=entry.target.name,
+                    kind=kind.value,
+                    exception=name,
+                    error=text,
+                    location=fault_location(exc),
+                    retry="with back-off",
+                )
+        return InspectionError(FAULT_REASON, f"{kind.headline}: {text}")
