@@ -17,6 +17,7 @@ from qmpguard import qemu_types as T
 from qmpguard.analysis.cmdline import parse_cmdline
 from qmpguard.analysis.locate import locate
 from qmpguard.analysis.shape import ReplyShapeError
+from qmpguard.process import read_command_line_files
 from qmpguard.qemu_types import HMP_MTREE, HMP_QTREE, child_type
 from qmpguard.qmp.transport import CommandFailed, InspectionError, Session
 from qmpguard.snapshot import Snapshot
@@ -70,6 +71,8 @@ async def collect(session: Session) -> Snapshot:
             session.peer.cmdline,
             session.peer.error,
         )
+        if snap.pid is not None and snap.cmdline:
+            snap.files = read_command_line_files(snap.pid, snap.cmdline)
     q = _Recorder(session, snap)
 
     version, *_ = await asyncio.gather(
@@ -95,7 +98,11 @@ async def collect(session: Session) -> Snapshot:
             await asyncio.gather(*(q(cmd, **args) for cmd, args in loc.missing))
     except ReplyShapeError as exc:
         raise InspectionError("bad-reply", f"unexpected QMP data: {exc}") from None
-    cli_ids = {d.id for d in parse_cmdline(snap.cmdline).devices if d.id} if snap.cmdline else set()
+    cli_ids = (
+        {d.id for d in parse_cmdline(snap.cmdline, snap.files).devices if d.id}
+        if snap.cmdline
+        else set()
+    )
     reads = []
     for path, dev in loc.devices.items():
         on_cmdline = dev.qdev.id and dev.qdev.id in cli_ids and path.endswith(f"/{dev.qdev.id}")

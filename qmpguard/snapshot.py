@@ -45,6 +45,8 @@ class Snapshot:
     pid: int | None = None
     cmdline: list[str] | None = None
     cmdline_error: str | None = None
+    #: Files the command line refers to (-readconfig), as QEMU's process saw them.
+    files: dict[str, str] = field(default_factory=dict)
     replies: dict[str, dict[str, Any]] = field(default_factory=dict)
     timings: dict[str, float | int] = field(default_factory=dict)
 
@@ -76,7 +78,12 @@ class Snapshot:
             "transport": self.transport,
             "collected_at": self.collected_at,
             "qemu": {"version": self.qemu_version},
-            "process": {"pid": self.pid, "cmdline": self.cmdline, "error": self.cmdline_error},
+            "process": {
+                "pid": self.pid,
+                "cmdline": self.cmdline,
+                "error": self.cmdline_error,
+                "files": self.files,
+            },
             "timings": self.timings,
             "replies": [
                 {"execute": k.split(" ", 1)[0], "arguments": json.loads(k.split(" ", 1)[1]), **v}
@@ -86,7 +93,8 @@ class Snapshot:
 
     def without_cmdline(self) -> Snapshot:
         """A copy with the process command line removed (to test other evidence alone)."""
-        return Snapshot(**{**self.__dict__, "cmdline": None, "cmdline_error": "stripped"})
+        stripped: dict[str, Any] = {"cmdline": None, "cmdline_error": "stripped", "files": {}}
+        return Snapshot(**{**self.__dict__, **stripped})
 
 
 def _expect(cond: bool, what: str) -> None:
@@ -113,6 +121,11 @@ def snapshot_from_json(doc: Any) -> Snapshot:
         "'process.cmdline' is not a list of strings",
     )
     _expect(perr is None or isinstance(perr, str), "'process.error' is not a string")
+    files = proc.get("files", {})
+    _expect(
+        isinstance(files, dict) and all(isinstance(v, str) for v in files.values()),
+        "'process.files' is not an object of strings",
+    )
     timings = doc.get("timings", {})
     _expect(isinstance(timings, dict), "'timings' is not an object")
     replies_in = doc.get("replies")
@@ -125,6 +138,7 @@ def snapshot_from_json(doc: Any) -> Snapshot:
         pid=pid,
         cmdline=cmdline,
         cmdline_error=perr,
+        files=files,
         timings=timings,
     )
     for i, item in enumerate(replies_in):

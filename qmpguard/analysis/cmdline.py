@@ -1,34 +1,63 @@
-"""The QEMU command line as order evidence: -device options in realize order.
+"""The QEMU command line as order evidence: every device option in realize order.
 
-Both `driver,key=val` and JSON (`-device {"driver": ...}`, libvirt's form) are read.
-QEMU realizes every key=val -device first and every JSON one after them
-(qemu_create_cli_devices), so realize order is not always command-line order.
+QEMU keeps two device lists (system/vl.c): `-device driver,key=val` options, `[device]`
+sections of `-readconfig` files and `-drive if=virtio` all join the QemuOpts list in
+command-line position; `-device {...}` (JSON, libvirt's form) joins a second list.
+`qemu_create_cli_devices` realizes the whole first list, then the second: realize order
+is not always command-line order. QEMU's JSON is relaxed (single-quoted strings, `\\'`),
+see qemu_json_loads. See docs/design.md, "Command line".
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class DeviceSyntax(Enum):
+    """How a device reached QEMU's device lists; decides which list realizes it."""
+
+    KEYVAL = "key=val"
+    JSON = "JSON"
+    READCONFIG = "-readconfig"
+    IMPLICIT = "implicit"  # created by another option (-drive if=virtio)
+
+    @property
+    def json_list(self) -> bool:
+        """JSON devices are realized after every QemuOpts one."""
+        return self is DeviceSyntax.JSON
 
 
 @dataclass(frozen=True)
 class CliDevice:
-    """One -device option."""
+    """One device a command-line option creates."""
 
-    position: int  # index among -device options on the command line
+    argument: int  # index in argv of the option's value
     realize_rank: int  # order in which QEMU realizes it
     driver: str
     id: str | None
-    json: bool
+    syntax: DeviceSyntax
+    source: str  # where it was written, for evidence: "argv[12]", 'FILE [device "x"]'
 
 
 @dataclass(frozen=True)
 class CliFacts:
     """What the command line says about devices and the machine."""
 
-    devices: list[CliDevice]
+    devices: tuple[CliDevice, ...]
     machine_opts: dict[str, str]
-    readconfig: bool  # -readconfig present: devices may come from a file we cannot see
+    name: str | None = None
+    #: Why devices may exist that the command line does not show (unreadable -readconfig,
+    #: an option QEMU rejects that we cannot parse); empty when the list is complete.
+    gaps: tuple[str, ...] = ()
+    readconfig_files: tuple[str, ...] = field(default=())
+
+    @property
+    def complete(self) -> bool:
+        return not self.gaps
 
 
 def split_keyval(text: str) -> list[str]:
@@ -50,7 +79,8 @@ def split_keyval(text: str) -> list[str]:
     return parts
 
 
-def _keyval(text: str, implied: str) -> dict[str, str]:
+def keyval(text: str, implied: str) -> dict[str, str]:
+    """QemuOpts `a,b=c`: the first bare word is the implied key; later ones are flags."""
     out: dict[str, str] = {}
     for i, part in enumerate(split_keyval(text)):
         if "=" in part:
@@ -58,46 +88,293 @@ def _keyval(text: str, implied: str) -> dict[str, str]:
             out[k] = v
         elif i == 0 and part:
             out[implied] = part
+        elif part:
+            out[part] = "on"
     return out
 
 
-def parse_cmdline(argv: list[str]) -> CliFacts:
-    """Parse a QEMU argv (as read from /proc/PID/cmdline)."""
-    raw: list[tuple[int, str, str | None, bool]] = []
-    machine: dict[str, str] = {}
-    readconfig = False
+_JSON_ESCAPES = {"'": "'", '"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n"}
+_JSON_ESCAPES |= {"r": "\r", "t": "\t"}
+
+
+def _read_string(text: str, start: int) -> tuple[str, int]:
+    """A QEMU JSON string (either quote) starting at `start`; returns (value, next index)."""
+    quote, i = text[start], start + 1
+    out: list[str] = []
+    while i < len(text):
+        ch = text[i]
+        if ch == quote:
+            return "".join(out), i + 1
+        if ord(ch) < 0x20:
+            raise ValueError("control character in a string")
+        if ch == "\\":
+            esc = text[i + 1 : i + 2]
+            if esc == "u" and re.fullmatch(r"[0-9a-fA-F]{4}", text[i + 2 : i + 6]):
+                out.append(chr(int(text[i + 2 : i + 6], 16)))
+                i += 6
+                continue
+            if esc not in _JSON_ESCAPES:
+                raise ValueError(f"bad escape \\{esc}")
+            out.append(_JSON_ESCAPES[esc])
+            i += 2
+            continue
+        out.append(ch)
+        i += 1
+    raise ValueError("unterminated string")
+
+
+def qemu_json_loads(text: str) -> object:
+    """Parse JSON as QEMU's parser does (qobject/json-lexer.c): single-quoted strings too.
+
+    Strings are re-encoded as strict JSON and the rest is left to Python's parser, so
+    numbers, literals and structure follow the standard.
+    """
+    out, i = [], 0
+    while i < len(text):
+        ch = text[i]
+        if ch in "\"'":
+            value, i = _read_string(text, i)
+            out.append(json.dumps(value))
+            continue
+        if ch == "%":
+            raise ValueError("interpolation is not allowed on the command line")
+        out.append(ch)
+        i += 1
+    return json.loads("".join(out))
+
+
+def _json_device(value: str) -> tuple[str, str | None] | None:
+    try:
+        obj = qemu_json_loads(value)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("driver"), str):
+        return None
+    dev_id = obj.get("id")
+    return obj["driver"], dev_id if isinstance(dev_id, str) else None
+
+
+_SECTION = re.compile(r'\[(\w+)(?: "(.*)")?\]')
+_ENTRY = re.compile(r'(\S+) = "(.*)"')
+
+
+def readconfig_groups(text: str) -> list[tuple[str, str | None, dict[str, str]]]:
+    """Sections of a QEMU config file: (group, id, options), in file order."""
+    groups: list[tuple[str, str | None, dict[str, str]]] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if m := _SECTION.fullmatch(line):
+            groups.append((m.group(1), m.group(2), {}))
+        elif (m := _ENTRY.fullmatch(line)) and groups:
+            groups[-1][2][m.group(1)] = m.group(2)
+        else:
+            raise ValueError(f"unparsable line {line[:60]!r}")
+    return groups
+
+
+#: Options that take no argument, and options known to take one. An unknown option
+#: followed by something that looks like an option is read as a flag, and noted as a gap:
+#: misreading it could hide a -device.
+_FLAGS = frozenset(
+    [
+        "-S",
+        "-snapshot",
+        "-nographic",
+        "-no-reboot",
+        "-no-shutdown",
+        "-no-user-config",
+        "-nodefaults",
+        "-daemonize",
+        "-enable-kvm",
+        "-no-hpet",
+        "-no-acpi",
+        "-full-screen",
+        "-only-migratable",
+        "-no-fd-bootchk",
+        "-s",
+        "-nodefconfig",
+        "-enable-fips",
+        "-preconfig",
+        "-no-quit",
+        "-old-param",
+        "-mem-prealloc",
+        "-no-kvm",
+        "-no-kvm-irqchip",
+        "-no-kvm-pit",
+        "-win2k-hack",
+        "-rtc-td-hack",
+        "-no-frame",
+        "-usb",
+    ]
+)
+_WITH_ARGUMENT = frozenset(
+    [
+        "-device",
+        "-machine",
+        "-M",
+        "-name",
+        "-readconfig",
+        "-drive",
+        "-m",
+        "-smp",
+        "-cpu",
+        "-object",
+        "-chardev",
+        "-mon",
+        "-qmp",
+        "-qmp-pretty",
+        "-serial",
+        "-display",
+        "-vga",
+        "-netdev",
+        "-nic",
+        "-net",
+        "-kernel",
+        "-initrd",
+        "-append",
+        "-bios",
+        "-L",
+        "-global",
+        "-boot",
+        "-uuid",
+        "-pidfile",
+        "-trace",
+        "-D",
+        "-d",
+        "-debugcon",
+        "-monitor",
+        "-qtest",
+        "-accel",
+        "-rtc",
+        "-k",
+        "-msg",
+        "-overcommit",
+        "-sandbox",
+        "-runas",
+        "-chroot",
+        "-incoming",
+        "-numa",
+        "-fw_cfg",
+        "-blockdev",
+        "-smbios",
+        "-vnc",
+        "-spice",
+        "-audiodev",
+        "-parallel",
+        "-usbdevice",
+        "-loadvm",
+        "-action",
+        "-compat",
+        "-run-with",
+        "-cdrom",
+        "-hda",
+        "-hdb",
+        "-hdc",
+        "-hdd",
+        "-fda",
+        "-fdb",
+        "-mem-path",
+        "-pflash",
+        "-set",
+        "-writeconfig",
+        "-icount",
+        "-add-fd",
+        "-semihosting-config",
+        "-tpmdev",
+        "-virtfs",
+        "-id",
+        "-watchdog-action",
+        "-dtb",
+        "-option-rom",
+        "-acpitable",
+        "-iscsi",
+        "-plugin",
+        "-qtest-log",
+        "-xen-domid",
+        "-mtdblock",
+        "-sd",
+    ]
+)
+
+
+@dataclass
+class _Parse:
+    raw: list[tuple[int, str, str | None, DeviceSyntax, str]] = field(default_factory=list)
+    machine: dict[str, str] = field(default_factory=dict)
+    name: str | None = None
+    gaps: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+
+
+def _add_readconfig(p: _Parse, arg_index: int, path: str, text: str | None) -> None:
+    p.files.append(path)
+    if text is None:
+        p.gaps.append(f"-readconfig {path} could not be read")
+        return
+    try:
+        groups = readconfig_groups(text)
+    except ValueError as exc:
+        p.gaps.append(f"-readconfig {path}: {exc}")
+        return
+    for group, gid, opts in groups:
+        if group == "device" and "driver" in opts:
+            where = f'{path} [device "{gid}"]' if gid else f"{path} [device]"
+            p.raw.append((arg_index, opts["driver"], gid, DeviceSyntax.READCONFIG, where))
+        elif group == "machine":
+            p.machine.update(opts)
+
+
+def _add_option(p: _Parse, norm: str, i: int, val: str, files: Mapping[str, str]) -> None:
+    where = f"argv[{i}]"
+    if norm == "-device":
+        if val.startswith("{"):
+            parsed = _json_device(val)
+            if parsed is None:
+                p.gaps.append(f"{where}: a JSON -device qmpguard cannot parse")
+                return
+            p.raw.append((i, parsed[0], parsed[1], DeviceSyntax.JSON, where))
+            return
+        kv = keyval(val, "driver")
+        if "driver" not in kv:
+            p.gaps.append(f"{where}: a -device without a driver")
+            return
+        p.raw.append((i, kv["driver"], kv.get("id"), DeviceSyntax.KEYVAL, where))
+    elif norm in ("-machine", "-M"):
+        p.machine.update(keyval(val, "type"))
+    elif norm == "-name":
+        p.name = keyval(val, "guest").get("guest")
+    elif norm == "-readconfig":
+        _add_readconfig(p, i, val, files.get(val))
+    elif norm == "-drive" and keyval(val, "file").get("if") == "virtio":
+        p.gaps.append(f"{where}: -drive if=virtio creates an anonymous device implicitly")
+
+
+def parse_cmdline(argv: list[str], files: Mapping[str, str] | None = None) -> CliFacts:
+    """Parse a QEMU argv (as read from /proc/PID/cmdline); `files`: -readconfig contents."""
+    p = _Parse()
     i = 1
     while i < len(argv):
         opt = argv[i]
-        norm = "-" + opt.lstrip("-") if opt.startswith("-") else opt
-        val = argv[i + 1] if i + 1 < len(argv) else None
-        if norm == "-device" and val is not None:
-            if val.lstrip().startswith("{"):
-                try:
-                    obj = json.loads(val)
-                except json.JSONDecodeError:
-                    obj = None
-                if isinstance(obj, dict) and isinstance(obj.get("driver"), str):
-                    dev_id = obj.get("id")
-                    raw.append(
-                        (len(raw), obj["driver"], dev_id if isinstance(dev_id, str) else None, True)
-                    )
-            else:
-                kv = _keyval(val, "driver")
-                if "driver" in kv:
-                    raw.append((len(raw), kv["driver"], kv.get("id"), False))
-            i += 2
+        if not opt.startswith("-"):
+            i += 1  # a disk image given without -hda, say: no device option
             continue
-        if norm in ("-machine", "-M") and val is not None:
-            machine.update(_keyval(val, "type"))
-            i += 2
+        norm = "-" + opt.lstrip("-")
+        if norm in _FLAGS:
+            i += 1
             continue
-        if norm == "-readconfig":
-            readconfig = True
-        i += 1
-    ordered = sorted(raw, key=lambda r: (r[3], r[0]))  # key=val first, then JSON
-    devices = [
-        CliDevice(position=pos, realize_rank=rank, driver=drv, id=dev_id, json=is_json)
-        for rank, (pos, drv, dev_id, is_json) in enumerate(ordered)
-    ]
-    return CliFacts(devices=devices, machine_opts=machine, readconfig=readconfig)
+        if i + 1 >= len(argv):
+            break
+        if norm not in _WITH_ARGUMENT and argv[i + 1].startswith("-"):
+            p.gaps.append(f"argv[{i}]: unknown option {opt}")
+            i += 1
+            continue
+        _add_option(p, norm, i + 1, argv[i + 1], files or {})
+        i += 2
+    ordered = sorted(p.raw, key=lambda r: (r[3].json_list, r[0]))  # stable: QemuOpts first
+    devices = tuple(
+        CliDevice(argument=arg, realize_rank=rank, driver=drv, id=dev_id, syntax=syn, source=src)
+        for rank, (arg, drv, dev_id, syn, src) in enumerate(ordered)
+    )
+    return CliFacts(devices, p.machine, p.name, tuple(p.gaps), tuple(p.files))

@@ -94,7 +94,7 @@ def qg004_shared_space(vm: VmAnalysis) -> Iterator[Finding]:
     """vfio device sharing one IOMMU address space with other devices (requester aliasing)."""
     groups: dict[tuple[VIommu | None, Requester], list[DeviceAnalysis]] = {}
     for dev in vm.devices:
-        if dev.binding.requester is not None:
+        if dev.binding.requester is not None and not dev.device.bridge:
             groups.setdefault((dev.binding.viommu, dev.binding.requester), []).append(dev)
     for members in groups.values():
         for dev in members:
@@ -117,7 +117,14 @@ def qg005_virtio_platform(vm: VmAnalysis) -> Iterator[Finding]:
     """virtio device translated by a vIOMMU with iommu_platform off."""
     for dev in vm.devices:
         d = dev.device
-        if d.virtio and dev.binding.kind == "viommu" and d.iommu_platform is False:
+        # The vIOMMU's own queues are not translated by itself: never a finding.
+        is_viommu = d.viommu_kind is not None
+        if (
+            d.virtio
+            and not is_viommu
+            and dev.binding.kind == "viommu"
+            and d.iommu_platform is False
+        ):
             yield Finding(
                 "QG005",
                 "warning",

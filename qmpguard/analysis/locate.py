@@ -75,14 +75,16 @@ def _host_candidates(snap: Snapshot, host_types: frozenset[str]) -> dict[str, li
 def locate(snap: Snapshot) -> Location:
     """Place qtree's PCI buses and devices at their QOM paths (pure)."""
     text = snap.get_or(None, "human-monitor-command", **{"command-line": HMP_QTREE})
-    facts, root = type_facts(text), parse_device_tree(text)
-    if facts is None or root is None:
+    named = qom_list(snap, PERIPHERAL[:-1])
+    root = parse_device_tree(text, frozenset(n for n, _ in named))
+    if root is None:
         raise ReplyShapeError("info qtree missing or not in a known format")
+    facts = type_facts(root)
     loc = Location(facts)
-    peripheral = {f"{PERIPHERAL}{n}": child_type(t) for n, t in qom_list(snap, PERIPHERAL[:-1])}
+    peripheral = {f"{PERIPHERAL}{n}": child_type(t) for n, t in named}
     candidates = _host_candidates(snap, facts.host_bridge)
     queue: list[tuple[str, QtreeBus, str, bool, bool, str | None]] = []
-    pxb_roots: list[tuple[str, str]] = []  # (bus path, bus name) of expander roots
+    pxb_roots: list[str] = []  # expander root buses, in their hosts' creation order
     for host in root.devices:  # creation order
         pci = [b for b in host.buses if b.type in facts.pci_bus]
         if not pci:
@@ -96,14 +98,14 @@ def locate(snap: Snapshot) -> Location:
             path = f"{host_path}/{bus.name}"
             queue.append((path, bus, host_path, True, bypass, None))
             if host.type.startswith("pxb"):
-                pxb_roots.append((path, bus.name))
+                pxb_roots.append(path)
             elif loc.main_root is None:
                 loc.main_root = path
     # An expander's root bus hangs off a host object; QEMU sets its parent_dev to the pxb
-    # device. Named pxbs name their bus after their id; anonymous ones pair up in order.
-    pxb_ids = {d.id for d in _all_devices(root) if d.type in T.PXB_TYPES and d.id}
-    named_pxb = {n: p for p, n in pxb_roots if n in pxb_ids}
-    anonymous_pxb = [p for p, n in pxb_roots if n not in pxb_ids]
+    # device, which creates that host in its own realize: hosts and pxb devices pair up in
+    # creation order. (Bus names do not identify them: a conventional pxb's root bus is
+    # always "pxb-internal", its id names the internal bridge's secondary bus.)
+    pxb_root_of = _pair_expanders(root, pxb_roots)
     parents: dict[str, str] = {}
     while queue:
         path, qbus, owner, is_root, bypass, parent = queue.pop(0)
@@ -128,20 +130,27 @@ def locate(snap: Snapshot) -> Location:
                     queue.append(
                         (f"{dev_path}/{child.name}", child, dev_path, False, False, dev_path)
                     )
-            if qdev.type in T.PXB_TYPES:
-                target = (
-                    named_pxb.get(qdev.id)
-                    if qdev.id
-                    else (anonymous_pxb.pop(0) if anonymous_pxb else None)
-                )
-                if target is not None:
-                    parents[target] = dev_path
-                    if target in loc.buses:
-                        b = loc.buses[target]
-                        loc.buses[target] = LocatedBus(
-                            b.path, b.qbus, b.owner, b.root, b.bypass_iommu, dev_path
-                        )
+            target = pxb_root_of.get(id(qdev))
+            if target is not None:
+                parents[target] = dev_path
+                if target in loc.buses:
+                    b = loc.buses[target]
+                    loc.buses[target] = LocatedBus(
+                        b.path, b.qbus, b.owner, b.root, b.bypass_iommu, dev_path
+                    )
     return loc
+
+
+def _pair_expanders(root: QtreeBus, pxb_roots: list[str]) -> dict[int, str]:
+    """Each pxb device (by object identity) -> the root bus of the host it created.
+
+    pxb devices sit on root buses and cannot be hot-plugged, so their order in qtree (per
+    bus, creation order) is their realize order, the order their hosts were created in.
+    """
+    pxbs = [d for d in _all_devices(root) if d.type in T.PXB_TYPES]
+    if len(pxbs) != len(pxb_roots):
+        raise ReplyShapeError(f"{len(pxbs)} expander devices but {len(pxb_roots)} expander hosts")
+    return {id(dev): bus for dev, bus in zip(pxbs, pxb_roots, strict=True)}
 
 
 def _all_devices(bus: QtreeBus) -> list[QtreeDevice]:

@@ -8,6 +8,7 @@ conclusions give `unknown`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -63,51 +64,67 @@ class OrderContext:
     mtree: list[AddressSpaceEntry] | None
 
 
-def match_cli_devices(snap: Snapshot, cli: CliFacts) -> dict[str, CliDevice]:
-    """QOM path -> -device option: by id, and anonymous devices in creation order."""
-    out: dict[str, CliDevice] = {}
-    for dev in cli.devices:
-        if dev.id:
-            out[f"/machine/peripheral/{dev.id}"] = dev
-    anon_qom = []
+def _anonymous_devices(snap: Snapshot) -> dict[int, tuple[str, str | None]]:
+    """/machine/peripheral-anon/device[N] by N: (QOM path, type)."""
+    out = {}
     for name, etype in qom_list(snap, "/machine/peripheral-anon"):
-        if name.startswith("device[") and name.endswith("]") and name[7:-1].isdigit():
-            anon_qom.append(
-                (int(name[7:-1]), f"/machine/peripheral-anon/{name}", child_type(etype))
-            )
-    anon_qom.sort()
-    anon_cli = sorted((d for d in cli.devices if not d.id), key=lambda d: d.realize_rank)
-    # Hot-plugged anonymous devices come after the command line ones, so zip is safe only
-    # while types agree; stop at the first disagreement.
-    for (_, path, qtype), dev in zip(anon_qom, anon_cli, strict=False):
-        if qtype != dev.driver:
-            break
-        out[path] = dev
+        if m := re.fullmatch(r"device\[(\d+)\]", name):
+            out[int(m.group(1))] = (f"/machine/peripheral-anon/{name}", child_type(etype))
     return out
 
 
+def match_cli_devices(snap: Snapshot, cli: CliFacts) -> dict[str, CliDevice]:
+    """QOM path -> the device option that created it, only where that is certain.
+
+    Named devices by id (ids are unique). Anonymous ones: QEMU names the k-th anonymous
+    device it creates device[k] (a counter that is never reused, qdev_set_id), so the
+    k-th anonymous option in realize order is device[k] -- if the command line shows every
+    device (no gaps) and QOM confirms every type. Unplugged devices leave holes; hot-plugged
+    ones take later numbers. Any disagreement: no anonymous match at all.
+    """
+    out = {f"/machine/peripheral/{d.id}": d for d in cli.devices if d.id}
+    if not cli.complete:
+        return out
+    anon_cli = sorted((d for d in cli.devices if not d.id), key=lambda d: d.realize_rank)
+    qom = _anonymous_devices(snap)
+    matched = {}
+    for k, dev in enumerate(anon_cli):
+        if k not in qom:
+            continue  # unplugged since
+        path, qtype = qom[k]
+        if qtype != dev.driver:
+            return out
+        matched[path] = dev
+    return out | matched
+
+
+def _describe(d: CliDevice) -> str:
+    return f"{d.driver} ({d.source})"
+
+
 def _cmdline_evidence(ctx: OrderContext, dev: PciDevice, viommu: VIommu) -> Evidence:
+    src = "cmdline"
     if ctx.cli is None:
-        return Evidence("cmdline", None, f"QEMU command line not available ({ctx.cli_missing})")
-    if ctx.cli.readconfig:
-        return Evidence("cmdline", None, "-readconfig in use: devices may come from a file")
+        return Evidence(src, None, f"QEMU command line not available ({ctx.cli_missing})")
+    if dev.hotplugged:
+        return Evidence(src, None, f"{dev.label} was hot-plugged: no option created it")
     cd, cv = ctx.cli_by_path.get(dev.path), ctx.cli_by_path.get(viommu.path)
     if cd is None or cv is None:
         missing = dev.label if cd is None else viommu.label
-        return Evidence("cmdline", None, f"{missing} is not a -device on the command line")
-    mixed = " (key=val options are realized before JSON ones)" if cd.json != cv.json else ""
-    if cd.realize_rank < cv.realize_rank:
-        return Evidence(
-            "cmdline",
-            "before",
-            f"-device {cd.driver} (option {cd.position + 1}) is realized before "
-            f"-device {cv.driver} (option {cv.position + 1}){mixed}",
-        )
+        gaps = f" ({'; '.join(ctx.cli.gaps)})" if ctx.cli.gaps else ""
+        return Evidence(src, None, f"{missing} cannot be matched to a device option{gaps}")
+    mixed = (
+        " (QEMU realizes every key=val and -readconfig device before the JSON ones)"
+        if cd.syntax.json_list != cv.syntax.json_list
+        else ""
+    )
+    relation: Literal["before", "after"] = (
+        "before" if cd.realize_rank < cv.realize_rank else "after"
+    )
     return Evidence(
-        "cmdline",
-        "after",
-        f"-device {cd.driver} (option {cd.position + 1}) is realized after "
-        f"-device {cv.driver} (option {cv.position + 1}){mixed}",
+        src,
+        relation,
+        f"{_describe(cd)} is realized {relation} {_describe(cv)}{mixed}",
     )
 
 
@@ -209,7 +226,7 @@ def order_context(
     bindings: dict[str, ExpectedBinding],
     mtree: list[AddressSpaceEntry] | None,
 ) -> OrderContext:
-    cli = parse_cmdline(snap.cmdline) if snap.cmdline else None
+    cli = parse_cmdline(snap.cmdline, snap.files) if snap.cmdline else None
     missing = snap.cmdline_error or ("not a local socket" if snap.pid is None else "unreadable")
     return OrderContext(
         topo=topo,

@@ -36,11 +36,8 @@ class TypeFacts:
         return dtype.startswith("vfio") and dtype != "vfio-pci-igd-lpc-bridge"
 
 
-def type_facts(text: object) -> TypeFacts | None:
-    """Type facts from `info qtree` output; None if it is not in a known format."""
-    root = parse_device_tree(text)
-    if root is None:
-        return None
+def type_facts(root: QtreeBus) -> TypeFacts:
+    """Type facts from the parsed `info qtree` tree."""
     buses: list[QtreeBus] = []
     todo = [root]
     while todo:
@@ -109,19 +106,52 @@ class QtreeBus:
     devices: list[QtreeDevice] = field(default_factory=list)
 
 
-def parse_device_tree(text: object) -> QtreeBus | None:
+def parse_device_tree(text: object, ids: frozenset[str] = frozenset()) -> QtreeBus | None:
     """The sysbus root of `info qtree`, children in creation order; None if unknown format.
 
-    Parsed once per distinct text (the collector and the analysis both ask); treat the
-    result as read-only.
+    `ids` are the device ids QOM lists under /machine/peripheral. QEMU prints ids and the
+    bus names derived from them raw: an id holding a newline or a quote (JSON -device
+    accepts both) would break the line structure, so such ids are swapped for
+    placeholders before parsing and restored after. Parsed once per distinct input (the
+    collector and the analysis both ask); treat the result as read-only.
     """
     if not isinstance(text, str) or not text.startswith("bus: main-system-bus"):
         return None
-    return _parse_cached(text)
+    unsafe = tuple(sorted(i for i in ids if _UNSAFE_ID.search(i)))
+    return _parse_cached(text, unsafe)
+
+
+_UNSAFE_ID = re.compile(r'[\n\r"]|^\s|\s$')
+
+
+def _placeholder(n: int) -> str:
+    return f"\x00id{n}\x00"
+
+
+def _restore(bus: QtreeBus, names: dict[str, str]) -> None:
+    bus.name = names.get(bus.name, bus.name)
+    for dev in bus.devices:
+        dev.id = names.get(dev.id, dev.id)
+        for child in dev.buses:
+            _restore(child, names)
 
 
 @functools.lru_cache(maxsize=16)
-def _parse_cached(text: str) -> QtreeBus | None:
+def _parse_cached(text: str, unsafe_ids: tuple[str, ...]) -> QtreeBus | None:
+    names = {}
+    eol = "\r\n" if "\r\n" in text else "\n"  # the monitor turns every \n into \r\n
+    for n, dev_id in enumerate(sorted(unsafe_ids, key=len, reverse=True)):
+        names[_placeholder(n)] = dev_id
+        shown = dev_id.replace("\n", eol)
+        text = text.replace(f'id "{shown}"{eol}', f'id "{_placeholder(n)}"{eol}')
+        text = text.replace(f"bus: {shown}{eol}", f"bus: {_placeholder(n)}{eol}")
+    root = _parse_lines(text)
+    if root is not None:
+        _restore(root, names)
+    return root
+
+
+def _parse_lines(text: str) -> QtreeBus | None:
     root: QtreeBus | None = None
     stack: list[tuple[int, QtreeBus | QtreeDevice]] = []
     for line in text.splitlines():

@@ -49,6 +49,7 @@ class PciDevice:
     iommu_platform: bool | None
     pcie_to_pci_bridge: bool
     viommu_kind: str | None
+    bridge: bool = False  # a PCI bridge or expander: forwards DMA, never initiates it
 
     @property
     def devfn_text(self) -> str:
@@ -116,7 +117,11 @@ def build_topology(snap: Snapshot) -> Topology:
             f"{loc.missing[0][0]} {loc.missing[0][1]}"
         )
     facts = loc.facts
-    cli_ids = {d.id for d in parse_cmdline(snap.cmdline).devices if d.id} if snap.cmdline else set()
+    cli_ids = (
+        {d.id for d in parse_cmdline(snap.cmdline, snap.files).devices if d.id}
+        if snap.cmdline
+        else set()
+    )
     topo = Topology(machine_type=_machine_type(snap), main_root=loc.main_root)
     for path, b in loc.buses.items():
         members = sorted(
@@ -153,5 +158,6 @@ def build_topology(snap: Snapshot) -> Topology:
             iommu_platform=d.qdev.iommu_platform if virtio else None,
             pcie_to_pci_bridge=d.qdev.type in T.PCIE_TO_PCI_BRIDGE_TYPES,
             viommu_kind=T.VIOMMU_TYPES.get(d.qdev.type),
+            bridge=any(b.type in facts.pci_bus for b in d.qdev.buses) or d.qdev.type in T.PXB_TYPES,
         )
     return topo

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import socket
 import struct
 from collections.abc import Mapping
@@ -18,6 +17,7 @@ from typing import Any, Protocol
 from qemu.qmp import ExecuteError, QMPClient
 from qemu.qmp.protocol import ConnectError
 
+from qmpguard.process import is_qemu
 from qmpguard.qmp.allowlist import ForbiddenCommand, check_command
 from qmpguard.targets import Target
 
@@ -84,7 +84,7 @@ def read_process_cmdline(pid: int) -> PeerProcess:
     args = [a.decode(errors="replace") for a in raw.split(b"\0")]
     if args and args[-1] == "":
         args.pop()
-    if not args or "qemu" not in os.path.basename(args[0]).lower():
+    if not args or not is_qemu(pid, args):
         # SO_PEERCRED names whoever called listen(): a manager that created the socket
         # and passed it to QEMU, not QEMU itself. Its command line is no evidence.
         argv0 = args[0] if args else "?"

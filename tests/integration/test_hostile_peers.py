@@ -57,7 +57,7 @@ EXPECTED = {
     "close-mid-reply": "connection lost",
     "unknown-ids": "no reply within 2s",  # replies nobody asked for are not answers
     "event-flood": "no reply within 2s",
-    "wrong-shapes": "info qtree missing or not in a known format",
+    "wrong-shapes": "qom-list /machine/peripheral: reply is not a list",
 }
 
 

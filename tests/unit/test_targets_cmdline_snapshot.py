@@ -52,14 +52,14 @@ def test_cmdline_realize_order_puts_json_last() -> None:
             "e1000e",
         ]
     )
-    ranks = {(d.driver, d.id): (d.position, d.realize_rank) for d in cli.devices}
+    ranks = {(d.driver, d.id): (d.argument, d.realize_rank) for d in cli.devices}
     assert ranks == {
-        ("vfio-pci", "hostdev0"): (0, 2),
-        ("intel-iommu", "iommu0"): (1, 0),
-        ("e1000e", None): (2, 1),
+        ("vfio-pci", "hostdev0"): (4, 2),
+        ("intel-iommu", "iommu0"): (6, 0),
+        ("e1000e", None): (8, 1),
     }
     assert cli.machine_opts == {"type": "q35", "iommu": "smmuv3"}
-    assert not cli.readconfig
+    assert cli.complete
 
 
 def test_mtree_parsing_and_vtd_spaces() -> None:
