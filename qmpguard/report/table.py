@@ -5,6 +5,7 @@ from __future__ import annotations
 from qmpguard.analysis.vm import DeviceAnalysis
 from qmpguard.inspect import TargetResult
 from qmpguard.report.document import exit_code, target_findings
+from qmpguard.report.text import printable
 
 _VERDICT_TEXT = {"ok": "ok", "misbound": "MISBOUND", "unverified": "UNVERIFIED", "n/a": "-"}
 
@@ -22,6 +23,7 @@ def expected_text(d: DeviceAnalysis) -> str:
 
 
 def _table(rows: list[list[str]]) -> list[str]:
+    rows = [[printable(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 
@@ -29,12 +31,13 @@ def _table(rows: list[list[str]]) -> list[str]:
 def render_target(result: TargetResult) -> str:
     lines: list[str] = []
     a = result.analysis
+    target = printable(result.target)
     if a is None:
-        lines.append(f"== {result.target}: NOT INSPECTED")
+        lines.append(f"== {target}: NOT INSPECTED")
     else:
         version = a.snapshot.qemu_version or "?"
-        vi = ", ".join(f"{v.label} ({v.type})" for v in a.viommus) or "none"
-        lines.append(f"== {result.target}  QEMU {version}  vIOMMU: {vi}")
+        vi = printable(", ".join(f"{v.label} ({v.type})" for v in a.viommus) or "none")
+        lines.append(f"== {target}  QEMU {version}  vIOMMU: {vi}")
         rows = [["DEVICE", "TYPE", "BUS", "DEVFN", "BDF", "EXPECTED DMA SPACE", "ORDER", "VERDICT"]]
         for d in a.devices:
             rows.append(
@@ -54,8 +57,8 @@ def render_target(result: TargetResult) -> str:
     if findings:
         lines.append("  findings:")
         for f in findings:
-            lines.append(f"  {f.severity.upper():8} {f.code} {f.message}")
-            lines.extend(f"             - {e}" for e in f.evidence)
+            lines.append(f"  {f.severity.upper():8} {f.code} {printable(f.message)}")
+            lines.extend(f"             - {printable(e)}" for e in f.evidence)
     elif a is not None:
         lines.append("  no findings")
     return "\n".join(lines)

@@ -16,6 +16,7 @@ from qmpguard.analysis.vm import DeviceAnalysis, VmAnalysis
 from qmpguard.inspect import TargetResult
 from qmpguard.report.document import target_findings
 from qmpguard.report.table import expected_text
+from qmpguard.report.text import printable as P
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,13 @@ def tree_rows(vm: VmAnalysis, findings: list[Finding]) -> list[TreeRow]:
         if bus.root:
             role.append("root bus")
         if bus.bypass_iommu:
-            role.append("bypasses the vIOMMU")
+            # QEMU checks bypass on the root of the aliased requester: behind a conventional
+            # expander that is the expander's own bus, so its bypass_iommu has no effect.
+            role.append(
+                "bypasses the vIOMMU"
+                if bus.express
+                else "bypass_iommu set but without effect (requester IDs aliased upstream)"
+            )
         if path in covered:
             role.append(f"translated by {covered[path].label} ({covered[path].type})")
         if not bus.express:
@@ -143,14 +150,14 @@ def render_tree_target(result: TargetResult, colour: bool | None = None) -> str:
     findings = target_findings(result)
     vm = result.analysis
     if vm is None:
-        return f"== {result.target}: NOT INSPECTED\n  {findings[0].message}"
+        return f"== {P(result.target)}: NOT INSPECTED\n  {P(findings[0].message)}"
     c = _COLOURS if colour else dict.fromkeys(_COLOURS, "")
-    vi = ", ".join(f"{v.label} ({v.type})" for v in vm.viommus) or "none"
-    lines = [f"== {result.target}  QEMU {vm.snapshot.qemu_version or '?'}  vIOMMU: {vi}"]
+    vi = P(", ".join(f"{v.label} ({v.type})" for v in vm.viommus) or "none")
+    lines = [f"== {P(result.target)}  QEMU {vm.snapshot.qemu_version or '?'}  vIOMMU: {vi}"]
     for row in tree_rows(vm, findings):
         indent = "  " * (row.depth + 1)
         if row.kind == "bus":
-            lines.append(f"{indent}[bus {row.label}] {row.detail}")
+            lines.append(f"{indent}[bus {P(row.label)}] {P(row.detail)}")
             continue
         tags = []
         if row.vfio:
@@ -161,7 +168,7 @@ def render_tree_target(result: TargetResult, colour: bool | None = None) -> str:
             row.verdict, ""
         )
         line = (
-            f"{indent}{row.label}  {row.detail}  -> {row.expected}"
+            f"{indent}{P(row.label)}  {P(row.detail)}  -> {P(row.expected)}"
             + (f"  [{', '.join(tags)}]" if tags else "")
             + (f"  {verdict}" if verdict else "")
         )
@@ -178,10 +185,11 @@ def render_tree_target(result: TargetResult, colour: bool | None = None) -> str:
         for f in row.findings:
             sev = c["critical"] if f.severity == "critical" else c["warning"]
             lines.append(
-                f"{indent}  {sev}! {f.code} {f.severity}{c['reset']}: {f.message.split('. ')[0]}"
+                f"{indent}  {sev}! {f.code} {f.severity}{c['reset']}: "
+                + P(f.message.split(". ")[0])
             )
     rest = [f for f in findings if f.device is None]
-    lines.extend(f"  ! {f.code} {f.severity}: {f.message}" for f in rest)
+    lines.extend(f"  ! {f.code} {f.severity}: {P(f.message)}" for f in rest)
     return "\n".join(lines)
 
 
