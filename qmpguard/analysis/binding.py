@@ -9,9 +9,9 @@ gets plain memory. Checked against hw/pci/pci.c of QEMU 7.2 and 10.0.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
 
+from qmpguard.analysis.model import BindingKind, MemoryReason
 from qmpguard.analysis.topology import PciDevice, Topology, format_devfn
 from qmpguard.analysis.viommu import VIommu
 
@@ -22,6 +22,9 @@ class Requester:
 
     bus: str
     devfn: int
+    #: Not the device's own (bus, devfn): a conventional bus on the way. Not part of the
+    #: identity: an aliased device and the device really at (bus, devfn) share one space.
+    aliased: bool = field(default=False, compare=False)
 
     @property
     def devfn_text(self) -> str:
@@ -32,10 +35,32 @@ class Requester:
 class ExpectedBinding:
     """Where a device's DMA should go: a vIOMMU address space or plain guest memory."""
 
-    kind: Literal["viommu", "memory"]
+    kind: BindingKind
     viommu: VIommu | None
     requester: Requester | None
-    reason: str
+    memory_reason: MemoryReason | None = None
+    bypass_root: str | None = None  # the root bus whose bypass_iommu applies
+
+    @property
+    def aliased(self) -> bool:
+        return self.requester is not None and self.requester.aliased
+
+    @property
+    def reason(self) -> str:
+        """One sentence for people; logic reads the fields, never this text."""
+        if self.memory_reason is MemoryReason.BYPASS:
+            return (
+                f"root bus {self.bypass_root} bypasses the vIOMMU (bypass_iommu on its host bridge)"
+            )
+        if self.memory_reason is not None:
+            return str(self.memory_reason)
+        assert self.viommu is not None and self.requester is not None
+        if self.requester.aliased:
+            return (
+                f"translated by {self.viommu.label} as requester {self.requester.devfn_text} on "
+                f"{self.requester.bus} (aliased by a conventional PCI bus)"
+            )
+        return f"translated by {self.viommu.label}"
 
 
 def expected_binding(topo: Topology, viommus: list[VIommu], dev: PciDevice) -> ExpectedBinding:
@@ -57,22 +82,10 @@ def expected_binding(topo: Topology, viommus: list[VIommu], dev: PciDevice) -> E
         iommu_bus = parent_bus
     viommu = by_bus.get(iommu_bus.path)
     if viommu is None:
-        why = "no vIOMMU in this VM" if not viommus else "no vIOMMU translates this bus"
-        return ExpectedBinding("memory", None, None, why)
+        why = MemoryReason.NO_VIOMMU if not viommus else MemoryReason.NOT_TRANSLATED
+        return ExpectedBinding(BindingKind.MEMORY, None, None, why)
     root = topo.root_of(alias_bus.path)
     if root.bypass_iommu:
-        return ExpectedBinding(
-            "memory",
-            None,
-            None,
-            f"root bus {root.path} bypasses the vIOMMU (bypass_iommu on its host bridge)",
-        )
-    requester = Requester(alias_bus.path, devfn)
-    if (alias_bus.path, devfn) != (dev.bus, dev.devfn):
-        reason = (
-            f"translated by {viommu.label} as requester {format_devfn(devfn)} on "
-            f"{alias_bus.path} (aliased by a conventional PCI bus)"
-        )
-    else:
-        reason = f"translated by {viommu.label}"
-    return ExpectedBinding("viommu", viommu, requester, reason)
+        return ExpectedBinding(BindingKind.MEMORY, None, None, MemoryReason.BYPASS, root.path)
+    aliased = (alias_bus.path, devfn) != (dev.bus, dev.devfn)
+    return ExpectedBinding(BindingKind.VIOMMU, viommu, Requester(alias_bus.path, devfn, aliased))

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
+
+from qmpguard.analysis.model import BindingKind, MemoryReason, Severity, Verdict
+from qmpguard.analysis.viommu_models import model
 
 if TYPE_CHECKING:
     from qmpguard.analysis.binding import Requester
     from qmpguard.analysis.viommu import VIommu
     from qmpguard.analysis.vm import DeviceAnalysis, VmAnalysis
-
-Severity = Literal["info", "warning", "critical", "unknown"]
-SEVERITY_RANK: dict[str, int] = {"info": 0, "warning": 1, "unknown": 2, "critical": 3}
 
 
 @dataclass(frozen=True)
@@ -39,34 +39,48 @@ def _evidence_lines(dev: DeviceAnalysis) -> tuple[str, ...]:
 def qg001_misbound(vm: VmAnalysis) -> Iterator[Finding]:
     """vfio device realized before the vIOMMU that translates its bus."""
     for dev in vm.devices:
-        if dev.verdict != "misbound":
+        if dev.verdict is not Verdict.MISBOUND:
             continue
         v = dev.binding.viommu
         assert v is not None
         yield Finding(
             "QG001",
-            "critical",
+            Severity.CRITICAL,
             dev.device.path,
             f"{dev.device.label} ({dev.device.type}) was realized before vIOMMU {v.label} "
             f"({v.type}): its VFIO container is attached to plain guest memory, so the device "
-            f"can DMA to all guest RAM, bypassing the guest's IOMMU. Fix: put the "
-            f"-device {v.type} option before -device {dev.device.type} on the QEMU command "
-            f"line (libvirt does this itself), then restart the VM.",
+            f"can DMA to all guest RAM, bypassing the guest's IOMMU. Fix: {_fix(dev)}",
             _evidence_lines(dev),
         )
+
+
+def _fix(dev: DeviceAnalysis) -> str:
+    """What makes the binding right, for this vIOMMU model (docs/design.md, "Fixes")."""
+    v = dev.binding.viommu
+    assert v is not None
+    m = model(v.kind)
+    if not m.reorder_fixes:
+        return m.alternative + "."
+    return (
+        f"create {v.label} ({v.type}) before {dev.device.label}: put its -device option "
+        f"before the vfio device's on the QEMU command line (a vIOMMU given through "
+        f"libvirt's <qemu:commandline> or Proxmox VE's args: lands after every assigned "
+        f"device; use <iommu model=...> or machine: ...,viommu=... instead), then restart "
+        f"the VM."
+    )
 
 
 def qg002_unverified(vm: VmAnalysis) -> Iterator[Finding]:
     """vfio device behind a vIOMMU whose order could not be established."""
     for dev in vm.devices:
-        if dev.verdict != "unverified":
+        if dev.verdict is not Verdict.UNVERIFIED:
             continue
         v = dev.binding.viommu
         assert v is not None
         why = "the evidence conflicts" if dev.order.conflicting else "no source could establish it"
         yield Finding(
             "QG002",
-            "warning",
+            Severity.WARNING,
             dev.device.path,
             f"cannot tell whether {dev.device.label} was realized before or after vIOMMU "
             f"{v.label}: {why}; if before, its DMA bypasses the guest's IOMMU",
@@ -79,10 +93,10 @@ def qg003_bypass(vm: VmAnalysis) -> Iterator[Finding]:
     if not vm.viommus:
         return
     for dev in vm.devices:
-        if dev.device.vfio and "bypasses" in dev.binding.reason:
+        if dev.device.vfio and dev.binding.memory_reason is MemoryReason.BYPASS:
             yield Finding(
                 "QG003",
-                "warning",
+                Severity.WARNING,
                 dev.device.path,
                 f"{dev.device.label} sits on a bus that bypasses the vIOMMU: the guest cannot "
                 "isolate its DMA",
@@ -105,7 +119,7 @@ def qg004_shared_space(vm: VmAnalysis) -> Iterator[Finding]:
             assert req is not None
             yield Finding(
                 "QG004",
-                "warning",
+                Severity.WARNING,
                 dev.device.path,
                 f"{dev.device.label} shares one IOMMU address space with "
                 f"{', '.join(others)}: the guest cannot isolate them from each other",
@@ -122,12 +136,12 @@ def qg005_virtio_platform(vm: VmAnalysis) -> Iterator[Finding]:
         if (
             d.virtio
             and not is_viommu
-            and dev.binding.kind == "viommu"
+            and dev.binding.kind is BindingKind.VIOMMU
             and d.iommu_platform is False
         ):
             yield Finding(
                 "QG005",
-                "warning",
+                Severity.WARNING,
                 d.path,
                 f"{d.label} ({d.type}) is behind a vIOMMU but has "
                 "iommu_platform=off: its DMA bypasses the vIOMMU",

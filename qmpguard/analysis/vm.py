@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
 
 from qmpguard.analysis.binding import ExpectedBinding, expected_binding
 from qmpguard.analysis.findings import RULES, Finding
+from qmpguard.analysis.model import NO_ORDER, BindingKind, OrderEvidence, Relative, Verdict
 from qmpguard.analysis.mtree import parse_mtree_f
-from qmpguard.analysis.order import OrderEvidence, order_context, order_of
+from qmpguard.analysis.order import order_context, order_of
 from qmpguard.analysis.topology import PciDevice, Topology, build_topology
 from qmpguard.analysis.viommu import VIommu, find_viommus
 from qmpguard.qemu_types import HMP_MTREE
 from qmpguard.snapshot import Snapshot
-
-Verdict = Literal["ok", "misbound", "unverified", "n/a"]
 
 
 @dataclass(frozen=True)
@@ -39,12 +37,19 @@ class VmAnalysis:
     findings: list[Finding]
 
 
+_BY_ORDER = {
+    Relative.BEFORE: Verdict.MISBOUND,
+    Relative.AFTER: Verdict.OK,
+    Relative.UNKNOWN: Verdict.UNVERIFIED,
+}
+
+
 def _verdict(dev: PciDevice, binding: ExpectedBinding, order: OrderEvidence) -> Verdict:
     if not dev.vfio:
-        return "n/a"
-    if binding.kind == "memory":
-        return "ok"
-    return {"before": "misbound", "after": "ok"}.get(order.relative, "unverified")  # type: ignore[return-value]
+        return Verdict.NOT_APPLICABLE
+    if binding.kind is BindingKind.MEMORY:
+        return Verdict.OK
+    return _BY_ORDER[order.relative]
 
 
 def guest_bdfs(snap: Snapshot, topo: Topology) -> dict[str, str]:
@@ -101,7 +106,7 @@ def analyze(snap: Snapshot) -> VmAnalysis:
     devices = []
     for path, dev in topo.devices.items():
         binding = bindings[path]
-        order = order_of(ctx, dev) if binding.kind == "viommu" else OrderEvidence("unknown", ())
+        order = order_of(ctx, dev) if binding.kind is BindingKind.VIOMMU else NO_ORDER
         devices.append(
             DeviceAnalysis(dev, binding, order, _verdict(dev, binding, order), bdfs.get(path))
         )

@@ -19,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from qmpguard import __version__
+from qmpguard.analysis.model import Verdict
 from qmpguard.daemon.results import ResultStore
 from qmpguard.report.document import target_findings
 
@@ -67,7 +68,7 @@ class StoreCollector(Collector):
                 verdicts = Counter(
                     d.verdict for d in record.result.analysis.devices if d.device.vfio
                 )
-                for verdict in ("ok", "misbound", "unverified"):
+                for verdict in (Verdict.OK, Verdict.MISBOUND, Verdict.UNVERIFIED):
                     vfio.add_metric([name, verdict], verdicts.get(verdict, 0))
         yield from (up, findings, vfio, errors, last, info)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 from urllib.parse import quote
 
+from qmpguard.analysis.model import Severity, Verdict
 from qmpguard.inspect import TargetResult
 from qmpguard.report.document import target_findings
 from qmpguard.report.tree import TreeRow, tree_rows
@@ -22,7 +23,7 @@ TRANSLATED_FILL, MEMORY_FILL, MISBOUND_FILL = "#dbe4ff", "#f1f3f5", "#ff8787"
 
 def _fill(row: TreeRow) -> tuple[str, str]:
     """(fill, dash) for a device row."""
-    if row.verdict == "misbound":
+    if row.verdict is Verdict.MISBOUND:
         return MISBOUND_FILL, ""
     if row.memory:
         return MEMORY_FILL, "5,3"
@@ -52,10 +53,10 @@ def topology_svg(rows: list[TreeRow], title: str) -> str:
             continue
         fill, dash = _fill(row)
         label = ""
-        if row.verdict == "misbound":
-            codes = ",".join(f.code for f in row.findings if f.severity == "critical")
+        if row.verdict is Verdict.MISBOUND:
+            codes = ",".join(f.code for f in row.findings if f.severity is Severity.CRITICAL)
             label = f"MISBOUND ({codes or 'QG001'})"
-        elif row.verdict == "unverified":
+        elif row.verdict is Verdict.UNVERIFIED:
             label = "UNVERIFIED (QG002)"
         elif row.findings:
             label = ", ".join(sorted({f.code for f in row.findings}))
@@ -71,7 +72,7 @@ def topology_svg(rows: list[TreeRow], title: str) -> str:
         tags = (" [VFIO]" if row.vfio else "") + (f" [space {row.space}]" if row.space else "")
         weight = ' font-weight="bold"' if row.vfio else ""
         out.append(
-            f'<g class="device{" misbound" if row.verdict == "misbound" else ""}" '
+            f'<g class="device{" misbound" if row.verdict is Verdict.MISBOUND else ""}" '
             f'data-path="{html.escape(row.label)}"><title>{html.escape(tip)}</title>'
             f'<rect x="{x}" y="{y}" width="{WIDTH - 20 - row.depth * INDENT}" height="{ROW_H - 4}"'
             f' rx="4" fill="{fill}" stroke="#343a40"{stroke}/>'

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from qmpguard.analysis.findings import SEVERITY_RANK, Finding
+from qmpguard.analysis.findings import Finding
+from qmpguard.analysis.model import Severity
 from qmpguard.analysis.vm import DeviceAnalysis
 from qmpguard.inspect import TargetResult
 
@@ -21,7 +22,7 @@ def target_findings(result: TargetResult) -> list[Finding]:
     return [
         Finding(
             "QG100",
-            "unknown",
+            Severity.UNKNOWN,
             None,
             f"target not inspected: {result.error.message}",
             (f"reason: {result.error.reason}",),
@@ -86,19 +87,24 @@ def target_json(result: TargetResult) -> dict[str, Any]:
 
 def worst_severity(results: list[TargetResult]) -> str:
     sev = [f.severity for r in results for f in target_findings(r)]
-    return max(sev, key=lambda s: SEVERITY_RANK[s]) if sev else "ok"
+    return max(sev, key=lambda s: s.rank) if sev else "ok"
 
 
 def exit_code(results: list[TargetResult]) -> int:
     """2 critical; else 3 if a target was not inspected; else 1 warning; else 0."""
     sev = {f.severity for r in results for f in target_findings(r)}
-    if "critical" in sev:
-        return EXIT_CRITICAL
-    if "unknown" in sev:
-        return EXIT_UNKNOWN
-    if "warning" in sev:
-        return EXIT_WARNING
+    for severity, code in _EXIT_BY_SEVERITY:
+        if severity in sev:
+            return code
     return EXIT_OK
+
+
+#: Checked in this order: a critical finding outranks an uninspected target.
+_EXIT_BY_SEVERITY = (
+    (Severity.CRITICAL, EXIT_CRITICAL),
+    (Severity.UNKNOWN, EXIT_UNKNOWN),
+    (Severity.WARNING, EXIT_WARNING),
+)
 
 
 def report_json(results: list[TargetResult]) -> dict[str, Any]:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from qmpguard.analysis.model import BindingKind
 from qmpguard.analysis.vm import DeviceAnalysis
 from qmpguard.inspect import TargetResult
 from qmpguard.report.document import exit_code, target_findings
 from qmpguard.report.text import printable
-
-_VERDICT_TEXT = {"ok": "ok", "misbound": "MISBOUND", "unverified": "UNVERIFIED", "n/a": "-"}
+from qmpguard.report.words import VERDICT_WORD, memory_short
 
 
 def short_bus(path: str) -> str:
@@ -16,8 +16,8 @@ def short_bus(path: str) -> str:
 
 def expected_text(d: DeviceAnalysis) -> str:
     b = d.binding
-    if b.kind == "memory":
-        return "memory (" + ("bypass bus" if "bypass" in b.reason else b.reason) + ")"
+    if b.kind is BindingKind.MEMORY:
+        return memory_short(b)
     assert b.viommu is not None and b.requester is not None
     return f"{b.viommu.label} rid {b.requester.devfn_text}@{short_bus(b.requester.bus)}"
 
@@ -48,8 +48,8 @@ def render_target(result: TargetResult) -> str:
                     d.device.devfn_text,
                     d.bdf or "-",
                     expected_text(d),
-                    d.order.relative if d.binding.kind == "viommu" else "-",
-                    _VERDICT_TEXT[d.verdict],
+                    d.order.relative if d.binding.kind is BindingKind.VIOMMU else "-",
+                    VERDICT_WORD[d.verdict],
                 ]
             )
         lines.extend("  " + r for r in _table(rows))

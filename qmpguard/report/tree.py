@@ -12,11 +12,13 @@ import sys
 from dataclasses import dataclass
 
 from qmpguard.analysis.findings import Finding
+from qmpguard.analysis.model import BindingKind, Severity, Verdict
 from qmpguard.analysis.vm import DeviceAnalysis, VmAnalysis
 from qmpguard.inspect import TargetResult
 from qmpguard.report.document import target_findings
 from qmpguard.report.table import expected_text
 from qmpguard.report.text import printable as P
+from qmpguard.report.words import VERDICT_WORD
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,7 @@ class TreeRow:
     space: str | None  # letter of a shared IOMMU address space (aliasing), else None
     memory: bool  # DMA to plain guest memory (no vIOMMU or bypass)
     vfio: bool
-    verdict: str
+    verdict: Verdict
     findings: tuple[Finding, ...]
     evidence: tuple[str, ...]
 
@@ -91,7 +93,7 @@ def tree_rows(vm: VmAnalysis, findings: list[Finding]) -> list[TreeRow]:
                 None,
                 False,
                 False,
-                "n/a",
+                Verdict.NOT_APPLICABLE,
                 (),
                 (),
             )
@@ -113,7 +115,7 @@ def tree_rows(vm: VmAnalysis, findings: list[Finding]) -> list[TreeRow]:
                 f"{dev.devfn_text} {d.bdf or '-'} {dev.type}",
                 expected_text(d),
                 shared.get(dev.path),
-                d.binding.kind == "memory",
+                d.binding.kind is BindingKind.MEMORY,
                 dev.vfio,
                 d.verdict,
                 mine,
@@ -164,9 +166,7 @@ def render_tree_target(result: TargetResult, colour: bool | None = None) -> str:
             tags.append("VFIO")
         if row.space:
             tags.append(f"shared space {row.space}")
-        verdict = {"misbound": "MISBOUND", "unverified": "UNVERIFIED", "ok": "ok"}.get(
-            row.verdict, ""
-        )
+        verdict = VERDICT_WORD[row.verdict] if row.verdict is not Verdict.NOT_APPLICABLE else ""
         line = (
             f"{indent}{P(row.label)}  {P(row.detail)}  -> {P(row.expected)}"
             + (f"  [{', '.join(tags)}]" if tags else "")
@@ -174,7 +174,7 @@ def render_tree_target(result: TargetResult, colour: bool | None = None) -> str:
         )
         style = (
             c["critical"]
-            if row.verdict == "misbound"
+            if row.verdict is Verdict.MISBOUND
             else c["vfio"]
             if row.vfio
             else c["memory"]
@@ -183,7 +183,7 @@ def render_tree_target(result: TargetResult, colour: bool | None = None) -> str:
         )
         lines.append(f"{style}{line}{c['reset'] if style else ''}")
         for f in row.findings:
-            sev = c["critical"] if f.severity == "critical" else c["warning"]
+            sev = c["critical"] if f.severity is Severity.CRITICAL else c["warning"]
             lines.append(
                 f"{indent}  {sev}! {f.code} {f.severity}{c['reset']}: "
                 + P(f.message.split(". ")[0])

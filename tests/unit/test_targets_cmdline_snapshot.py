@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from qmpguard.analysis.as_order import observed_sequence
 from qmpguard.analysis.cmdline import parse_cmdline, split_keyval
-from qmpguard.analysis.mtree import parse_mtree_f, viommu_spaces
+from qmpguard.analysis.mtree import parse_mtree_f
+from qmpguard.analysis.viommu_models import MODELS
 from qmpguard.snapshot import SnapshotError, load_snapshot
 from qmpguard.targets import Target, TargetError, parse_target
 
@@ -70,9 +72,11 @@ def test_mtree_parsing_and_vtd_spaces() -> None:
     )
     entries = parse_mtree_f(text)
     assert entries is not None and len(entries) == 4
-    spaces, global_rank = viommu_spaces(entries, "intel")
-    assert [s.devfn for s in spaces] == [0, 0x48, 0xFA]
-    assert not global_rank
+    naming = MODELS["intel"].naming
+    assert naming is not None
+    seq = observed_sequence(entries, naming)
+    assert [s.devfn for s in seq.spaces] == [0, 0x48, 0xFA]
+    assert not seq.global_rank
     assert parse_mtree_f("garbage") is None
 
 
@@ -83,9 +87,11 @@ def test_virtio_iommu_spaces_rank_by_counter() -> None:
     )
     entries = parse_mtree_f(text)
     assert entries is not None
-    spaces, global_rank = viommu_spaces(entries, "virtio")
-    assert [(s.rank, s.devfn) for s in spaces] == [(0, 16), (4, 72)]
-    assert global_rank
+    naming = MODELS["virtio"].naming
+    assert naming is not None
+    seq = observed_sequence(entries, naming)
+    assert [(s.rank, s.devfn) for s in seq.spaces] == [(0, 16), (4, 72)]
+    assert seq.global_rank
 
 
 @pytest.mark.parametrize(
