@@ -1,9 +1,9 @@
 """Collection: the few targeted QMP queries that produce a Snapshot.
 
-Never a QOM walk: `info qtree` gives every device with its type, id, addr and buses in
-one read; QOM paths follow from ids (see analysis/locate.py). Per-device reads are only
-the `child[N]` links of anonymous devices and `hotplugged` where the command line cannot
-vouch for a device. Concurrent reads are pipelined by qemu.qmp.
+Never a QOM walk, and no rule of its own: the analysis says what it still needs
+(analysis/reads.py `missing_reads`), the collector sends exactly that, records the
+replies and asks again until nothing is missing. Each round's reads are pipelined by
+qemu.qmp.
 """
 
 from __future__ import annotations
@@ -13,12 +13,9 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from qmpguard import qemu_types as T
-from qmpguard.analysis.cmdline import parse_cmdline
-from qmpguard.analysis.locate import locate
+from qmpguard.analysis.reads import missing_reads
 from qmpguard.analysis.shape import ReplyShapeError
 from qmpguard.process import read_command_line_files
-from qmpguard.qemu_types import HMP_MTREE, HMP_QTREE, child_type
 from qmpguard.qmp.transport import CommandFailed, InspectionError, Session
 from qmpguard.snapshot import Snapshot
 
@@ -42,19 +39,15 @@ class _Recorder:
         return value
 
 
-def _names(reply: Any) -> list[tuple[str, str]]:
-    """(name, type) pairs from a qom-list reply; tolerate junk by skipping it."""
-    if not isinstance(reply, list):
-        return []
-    return [
-        (e["name"], e["type"])
-        for e in reply
-        if isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("type"), str)
-    ]
+#: Rounds of reads: the base round, one per level of anonymous bridges, the last facts.
+MAX_ROUNDS = 16
 
 
-#: Rounds of link reads for anonymous devices: one per level of anonymous bridges.
-MAX_LINK_ROUNDS = 16
+def _version(reply: Any) -> str | None:
+    qv = reply.get("qemu") if isinstance(reply, dict) else None
+    if not isinstance(qv, dict):
+        return None
+    return f"{qv.get('major')}.{qv.get('minor')}.{qv.get('micro')}"
 
 
 async def collect(session: Session) -> Snapshot:
@@ -74,50 +67,15 @@ async def collect(session: Session) -> Snapshot:
         if snap.pid is not None and snap.cmdline:
             snap.files = read_command_line_files(snap.pid, snap.cmdline)
     q = _Recorder(session, snap)
-
-    version, *_ = await asyncio.gather(
-        q("query-version"),
-        q("query-commands"),
-        q("human-monitor-command", **{"command-line": HMP_QTREE}),
-        q("qom-list", path="/"),
-        *(q("qom-list", path=c) for c in T.OBJECT_CONTAINERS),
-        q("qom-get", path="/machine", property="default-bus-bypass-iommu"),
-        q("qom-get", path="/machine", property="iommu"),
-        q("query-pci"),
-        q("human-monitor-command", **{"command-line": HMP_MTREE}),
-    )
-    if isinstance(version, dict):
-        qv = version.get("qemu", {})
-        if isinstance(qv, dict):
-            snap.qemu_version = f"{qv.get('major')}.{qv.get('minor')}.{qv.get('micro')}"
     try:
-        for _ in range(MAX_LINK_ROUNDS):  # anonymous devices: resolve their child[N] links
-            loc = locate(snap)
-            if not loc.missing:
+        for _ in range(MAX_ROUNDS):
+            reads = missing_reads(snap)
+            if not reads:
                 break
-            await asyncio.gather(*(q(cmd, **args) for cmd, args in loc.missing))
+            await asyncio.gather(*(q(cmd, **args) for cmd, args in reads))
     except ReplyShapeError as exc:
         raise InspectionError("bad-reply", f"unexpected QMP data: {exc}") from None
-    cli_ids = (
-        {d.id for d in parse_cmdline(snap.cmdline, snap.files).devices if d.id}
-        if snap.cmdline
-        else set()
-    )
-    reads = []
-    for path, dev in loc.devices.items():
-        on_cmdline = dev.qdev.id and dev.qdev.id in cli_ids and path.endswith(f"/{dev.qdev.id}")
-        order_matters = loc.facts.is_vfio(dev.qdev.type) or dev.qdev.type in T.VIOMMU_TYPES
-        if path.startswith("/machine/peripheral") and (order_matters or not on_cmdline):
-            reads.append(q("qom-get", path=path, property="hotplugged"))
-    for container in T.OBJECT_CONTAINERS:  # sysbus vIOMMUs: their properties
-        for name, etype in _names(snap.get_or([], "qom-list", path=container)):
-            vtype = child_type(etype)
-            if vtype in T.VIOMMU_TYPES and vtype not in T.PCI_VIOMMU_TYPES:
-                reads += [
-                    q("qom-get", path=f"{container}/{name}", property=p)
-                    for p in ("hotplugged", "caching-mode", "primary-bus")
-                ]
-    await asyncio.gather(*reads)
+    snap.qemu_version = _version(snap.get_or(None, "query-version"))
     snap.timings = {
         "collect_s": round(time.perf_counter() - started, 6),
         "commands": session.commands_sent,

@@ -64,6 +64,10 @@ class Snapshot:
             raise ErrorReply(f"{err.get('class')}: {err.get('desc')}")
         return reply["return"]
 
+    def has(self, command: str, **arguments: Any) -> bool:
+        """True once a reply (value or error) to this command is recorded."""
+        return reply_key(command, arguments) in self.replies
+
     def get_or(self, default: Any, command: str, **arguments: Any) -> Any:
         """Like get(), but `default` when missing or answered with an error."""
         try:

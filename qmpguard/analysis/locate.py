@@ -11,12 +11,13 @@ collector can ask for exactly those and the analysis can replay them from a snap
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from qmpguard import qemu_types as T
 from qmpguard.analysis.qtree import QtreeBus, QtreeDevice, TypeFacts, parse_device_tree, type_facts
 from qmpguard.analysis.shape import ReplyShapeError, qom_list
+from qmpguard.analysis.topology import PciBus, PciDevice, Topology
 from qmpguard.qemu_types import HMP_QTREE, child_type, link_type
 from qmpguard.snapshot import Snapshot
 
@@ -24,32 +25,12 @@ PERIPHERAL = "/machine/peripheral/"
 Read = tuple[str, dict[str, Any]]
 
 
-@dataclass(frozen=True)
-class LocatedBus:
-    path: str
-    qbus: QtreeBus
-    owner: str
-    root: bool
-    bypass_iommu: bool
-    parent_device: str | None
-
-
-@dataclass(frozen=True)
-class LocatedDevice:
-    path: str
-    qdev: QtreeDevice
-    bus: str
-    creation_index: int
-
-
 @dataclass
 class Location:
-    """Buses and devices placed so far, and the QOM reads that would place the rest."""
+    """The topology placed so far, and the QOM reads that would place the rest."""
 
     facts: TypeFacts
-    main_root: str | None = None
-    buses: dict[str, LocatedBus] = field(default_factory=dict)
-    devices: dict[str, LocatedDevice] = field(default_factory=dict)
+    topology: Topology = field(default_factory=Topology)
     missing: list[Read] = field(default_factory=list)
 
 
@@ -81,9 +62,10 @@ def locate(snap: Snapshot) -> Location:
         raise ReplyShapeError("info qtree missing or not in a known format")
     facts = type_facts(root)
     loc = Location(facts)
+    topo = loc.topology
     peripheral = {f"{PERIPHERAL}{n}": child_type(t) for n, t in named}
     candidates = _host_candidates(snap, facts.host_bridge)
-    queue: list[tuple[str, QtreeBus, str, bool, bool, str | None]] = []
+    queue: list[tuple[str, QtreeBus, bool, bool, str | None]] = []
     pxb_roots: list[str] = []  # expander root buses, in their hosts' creation order
     for host in root.devices:  # creation order
         pci = [b for b in host.buses if b.type in facts.pci_bus]
@@ -96,11 +78,11 @@ def locate(snap: Snapshot) -> Location:
         bypass = host.props.get("bypass-iommu") == "true"
         for bus in pci:
             path = f"{host_path}/{bus.name}"
-            queue.append((path, bus, host_path, True, bypass, None))
+            queue.append((path, bus, True, bypass, None))
             if host.type.startswith("pxb"):
                 pxb_roots.append(path)
-            elif loc.main_root is None:
-                loc.main_root = path
+            elif topo.main_root is None:
+                topo.main_root = path
     # An expander's root bus hangs off a host object; QEMU sets its parent_dev to the pxb
     # device, which creates that host in its own realize: hosts and pxb devices pair up in
     # creation order. (Bus names do not identify them: a conventional pxb's root bus is
@@ -108,9 +90,11 @@ def locate(snap: Snapshot) -> Location:
     pxb_root_of = _pair_expanders(root, pxb_roots)
     parents: dict[str, str] = {}
     while queue:
-        path, qbus, owner, is_root, bypass, parent = queue.pop(0)
+        path, qbus, is_root, bypass, parent = queue.pop(0)
         parent = parents.get(path, parent)
-        loc.buses[path] = LocatedBus(path, qbus, owner, is_root, bypass, parent)
+        express = qbus.type in facts.express_bus
+        topo.buses[path] = PciBus(path, qbus.type, express, is_root, bypass, parent)
+        members: list[str] = []
         listing = None
         for index, qdev in enumerate(qbus.devices):
             dev_path = f"{PERIPHERAL}{qdev.id}" if qdev.id else None
@@ -124,21 +108,41 @@ def locate(snap: Snapshot) -> Location:
                 dev_path = _resolve_link(snap, path, listing, index, qdev, loc)
                 if dev_path is None:
                     continue
-            loc.devices[dev_path] = LocatedDevice(dev_path, qdev, path, index)
+            topo.devices[dev_path] = _device(dev_path, qdev, path, index, facts)
+            members.append(dev_path)
             for child in qdev.buses:
                 if child.type in facts.pci_bus:
-                    queue.append(
-                        (f"{dev_path}/{child.name}", child, dev_path, False, False, dev_path)
-                    )
+                    queue.append((f"{dev_path}/{child.name}", child, False, False, dev_path))
             target = pxb_root_of.get(id(qdev))
             if target is not None:
                 parents[target] = dev_path
-                if target in loc.buses:
-                    b = loc.buses[target]
-                    loc.buses[target] = LocatedBus(
-                        b.path, b.qbus, b.owner, b.root, b.bypass_iommu, dev_path
-                    )
+                if target in topo.buses:
+                    topo.buses[target] = replace(topo.buses[target], parent_device=dev_path)
+        topo.buses[path] = replace(topo.buses[path], devices=tuple(members))
     return loc
+
+
+def _device(path: str, qdev: QtreeDevice, bus: str, index: int, facts: TypeFacts) -> PciDevice:
+    """One placed device; `hotplugged` is read separately (see topology.with_hotplug)."""
+    devfn = qdev.devfn
+    if devfn is None:
+        raise ReplyShapeError(f"no addr for PCI device {path} in info qtree")
+    virtio = qdev.type in facts.virtio_pci
+    return PciDevice(
+        path=path,
+        id=path[len(PERIPHERAL) :] if path.startswith(PERIPHERAL) else None,
+        type=qdev.type,
+        bus=bus,
+        devfn=devfn,
+        creation_index=index,
+        hotplugged=None,
+        vfio=facts.is_vfio(qdev.type),
+        virtio=virtio,
+        iommu_platform=qdev.iommu_platform if virtio else None,
+        pcie_to_pci_bridge=qdev.type in T.PCIE_TO_PCI_BRIDGE_TYPES,
+        viommu_kind=T.VIOMMU_TYPES.get(qdev.type),
+        bridge=any(b.type in facts.pci_bus for b in qdev.buses) or qdev.type in T.PXB_TYPES,
+    )
 
 
 def _pair_expanders(root: QtreeBus, pxb_roots: list[str]) -> dict[int, str]:

@@ -2,16 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-from qmpguard import qemu_types as T
-from qmpguard.analysis.cmdline import parse_cmdline
-from qmpguard.analysis.locate import locate
-from qmpguard.analysis.shape import ReplyShapeError, qom_get, qom_list
-from qmpguard.qemu_types import child_type
-from qmpguard.snapshot import Snapshot
-
-_PERIPHERAL = "/machine/peripheral/"
+from dataclasses import dataclass, field, replace
 
 
 def format_devfn(devfn: int) -> str:
@@ -26,7 +17,6 @@ class PciBus:
     path: str
     type: str
     express: bool
-    owner: str  # QOM path of the host bridge (root buses) or the bridge device
     root: bool
     bypass_iommu: bool  # root buses: the host bridge's bypass-iommu; others: False
     parent_device: str | None  # bridge device, or the pxb device for an expander root bus
@@ -60,11 +50,10 @@ class PciDevice:
         return self.id or self.path
 
 
-@dataclass(frozen=True)
+@dataclass
 class Topology:
     """Buses and devices of one VM."""
 
-    machine_type: str | None
     buses: dict[str, PciBus] = field(default_factory=dict)
     devices: dict[str, PciDevice] = field(default_factory=dict)
     main_root: str | None = None
@@ -90,74 +79,30 @@ class Topology:
         return False
 
 
-def _device_id(path: str) -> str | None:
-    if path.startswith(_PERIPHERAL) and "/" not in path[len(_PERIPHERAL) :]:
-        return path[len(_PERIPHERAL) :]
-    return None
-
-
-def _machine_type(snap: Snapshot) -> str | None:
-    for name, etype in qom_list(snap, "/"):
-        if name == "machine":
-            return child_type(etype)
-    return None
-
-
 def is_builtin(path: str) -> bool:
     """Created by the machine itself (not by -device or device_add): never hot-plugged."""
     return not path.startswith("/machine/peripheral")
 
 
-def build_topology(snap: Snapshot) -> Topology:
-    """Topology from the snapshot: `info qtree` placed at QOM paths (see locate)."""
-    loc = locate(snap)
-    if loc.missing:
-        raise ReplyShapeError(
-            f"snapshot lacks {len(loc.missing)} QOM read(s), e.g. "
-            f"{loc.missing[0][0]} {loc.missing[0][1]}"
-        )
-    facts = loc.facts
-    cli_ids = (
-        {d.id for d in parse_cmdline(snap.cmdline, snap.files).devices if d.id}
-        if snap.cmdline
-        else set()
-    )
-    topo = Topology(machine_type=_machine_type(snap), main_root=loc.main_root)
-    for path, b in loc.buses.items():
-        members = sorted(
-            (d for d in loc.devices.values() if d.bus == path), key=lambda d: d.creation_index
-        )
-        topo.buses[path] = PciBus(
-            path=path,
-            type=b.qbus.type,
-            express=b.qbus.type in facts.express_bus,
-            owner=b.owner,
-            root=b.root,
-            bypass_iommu=b.bypass_iommu,
-            parent_device=b.parent_device,
-            devices=tuple(d.path for d in members),
-        )
-    for path, d in loc.devices.items():
-        devfn = d.qdev.devfn
-        if devfn is None:
-            raise ReplyShapeError(f"no addr for PCI device {path} in info qtree")
-        hotplugged = qom_get(snap, path, "hotplugged", bool)
-        if hotplugged is None and (is_builtin(path) or _device_id(path) in cli_ids):
-            hotplugged = False  # created by the machine, or by a -device option
-        virtio = d.qdev.type in facts.virtio_pci
-        topo.devices[path] = PciDevice(
-            path=path,
-            id=_device_id(path),
-            type=d.qdev.type,
-            bus=d.bus,
-            devfn=devfn,
-            creation_index=d.creation_index,
-            hotplugged=hotplugged,
-            vfio=facts.is_vfio(d.qdev.type),
-            virtio=virtio,
-            iommu_platform=d.qdev.iommu_platform if virtio else None,
-            pcie_to_pci_bridge=d.qdev.type in T.PCIE_TO_PCI_BRIDGE_TYPES,
-            viommu_kind=T.VIOMMU_TYPES.get(d.qdev.type),
-            bridge=any(b.type in facts.pci_bus for b in d.qdev.buses) or d.qdev.type in T.PXB_TYPES,
-        )
-    return topo
+def vouched_cold_plugged(dev: PciDevice, cli_ids: set[str]) -> bool:
+    """Created by the machine or by a -device option with this id: cold-plugged, unless
+    QOM says otherwise (a device re-plugged under the same id)."""
+    return is_builtin(dev.path) or (dev.id is not None and dev.id in cli_ids)
+
+
+def needs_hotplugged_read(dev: PciDevice, cli_ids: set[str]) -> bool:
+    """Whether `hotplugged` must be read from QOM: for every device whose order is judged
+    (vfio devices, PCI vIOMMUs) and for devices the command line cannot vouch for."""
+    if is_builtin(dev.path):
+        return False
+    return dev.vfio or dev.viommu_kind is not None or not vouched_cold_plugged(dev, cli_ids)
+
+
+def with_hotplug(topo: Topology, hotplugged: dict[str, bool | None], cli_ids: set[str]) -> None:
+    """Fill each device's `hotplugged`: QOM's value where read, else what the command line
+    vouches for, else None (unknown)."""
+    for path, dev in topo.devices.items():
+        value = hotplugged.get(path)
+        if value is None and vouched_cold_plugged(dev, cli_ids):
+            value = False
+        topo.devices[path] = replace(dev, hotplugged=value)

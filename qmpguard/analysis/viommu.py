@@ -20,8 +20,6 @@ class VIommu:
     kind: str  # intel | amd | virtio | smmuv3 | riscv
     covers: str | None  # root bus path it translates, None if unknown
     machine_created: bool  # created with the machine, before every -device
-    hotplugged: bool | None
-    caching_mode: bool | None
 
     @property
     def label(self) -> str:
@@ -29,45 +27,39 @@ class VIommu:
         return tail if self.path.startswith("/machine/peripheral/") else self.path
 
 
+def sysbus_viommus(snap: Snapshot) -> list[tuple[str, str]]:
+    """(QOM path, type) of every sysbus vIOMMU (intel-iommu, amd-iommu, arm-smmuv3)."""
+    out = []
+    for container in T.OBJECT_CONTAINERS:
+        for name, etype in qom_list(snap, container):
+            vtype = child_type(etype)
+            if vtype in T.VIOMMU_TYPES and vtype not in T.PCI_VIOMMU_TYPES:
+                out.append((f"{container}/{name}", vtype))
+    return out
+
+
+def viommu_reads(snap: Snapshot) -> list[tuple[str, dict[str, str]]]:
+    """The QOM reads find_viommus needs: a sysbus vIOMMU's primary bus, if it has one."""
+    return [
+        ("qom-get", {"path": path, "property": "primary-bus"}) for path, _ in sysbus_viommus(snap)
+    ]
+
+
 def find_viommus(snap: Snapshot, topo: Topology) -> list[VIommu]:
     """vIOMMUs from QOM: sysbus ones in the containers, PCI ones on the buses."""
     found: list[VIommu] = []
     machine_iommu = qom_get(snap, "/machine", "iommu", str)
-    for container in T.OBJECT_CONTAINERS:
-        for name, etype in qom_list(snap, container):
-            vtype = child_type(etype)
-            if vtype not in T.VIOMMU_TYPES or vtype in T.PCI_VIOMMU_TYPES:
-                continue
-            path = f"{container}/{name}"
-            primary = qom_get(snap, path, "primary-bus", str)
-            machine_created = (
-                vtype == "arm-smmuv3"
-                and container == "/machine/unattached"
-                and machine_iommu == "smmuv3"
-            )
-            covers = primary if primary else topo.main_root
-            found.append(
-                VIommu(
-                    path=path,
-                    type=vtype,
-                    kind=T.VIOMMU_TYPES[vtype],
-                    covers=covers,
-                    machine_created=machine_created,
-                    hotplugged=qom_get(snap, path, "hotplugged", bool),
-                    caching_mode=qom_get(snap, path, "caching-mode", bool),
-                )
-            )
+    for path, vtype in sysbus_viommus(snap):
+        primary = qom_get(snap, path, "primary-bus", str)
+        machine_created = (
+            vtype == "arm-smmuv3"
+            and path.startswith("/machine/unattached/")
+            and machine_iommu == "smmuv3"
+        )
+        found.append(
+            VIommu(path, vtype, T.VIOMMU_TYPES[vtype], primary or topo.main_root, machine_created)
+        )
     for dev in topo.devices.values():
         if dev.type in T.PCI_VIOMMU_TYPES:
-            found.append(
-                VIommu(
-                    path=dev.path,
-                    type=dev.type,
-                    kind=T.VIOMMU_TYPES[dev.type],
-                    covers=dev.bus,
-                    machine_created=False,
-                    hotplugged=dev.hotplugged,
-                    caching_mode=None,
-                )
-            )
+            found.append(VIommu(dev.path, dev.type, T.VIOMMU_TYPES[dev.type], dev.bus, False))
     return sorted(found, key=lambda v: v.path)

@@ -9,7 +9,8 @@ from qmpguard.analysis.findings import RULES, Finding
 from qmpguard.analysis.model import NO_ORDER, BindingKind, OrderEvidence, Relative, Verdict
 from qmpguard.analysis.mtree import parse_mtree_f
 from qmpguard.analysis.order import order_context, order_of
-from qmpguard.analysis.topology import PciDevice, Topology, build_topology
+from qmpguard.analysis.reads import placed_topology
+from qmpguard.analysis.topology import PciDevice, Topology
 from qmpguard.analysis.viommu import VIommu, find_viommus
 from qmpguard.qemu_types import HMP_MTREE
 from qmpguard.snapshot import Snapshot
@@ -97,7 +98,7 @@ def guest_bdfs(snap: Snapshot, topo: Topology) -> dict[str, str]:
 
 def analyze(snap: Snapshot) -> VmAnalysis:
     """Pure: a Snapshot in, every verdict and finding out."""
-    topo = build_topology(snap)
+    topo = placed_topology(snap)
     viommus = find_viommus(snap, topo)
     bindings = {p: expected_binding(topo, viommus, d) for p, d in topo.devices.items()}
     mtree = parse_mtree_f(snap.get_or("", "human-monitor-command", **{"command-line": HMP_MTREE}))

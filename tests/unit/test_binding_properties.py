@@ -81,13 +81,12 @@ def build(spec: Spec) -> tuple[Topology, list[VIommu]]:
         bus = bus_names[parent_idx % len(bus_names)]
         if slots[bus] < 31:
             add(f"/ep{i}", "e1000", bus)
-    topo = Topology(machine_type="q35", main_root="main")
+    topo = Topology(main_root="main")
     for name, b in buses.items():
         topo.buses[name] = PciBus(
             path=name,
             type="PCIE" if b["express"] else "PCI",
             express=bool(b["express"]),
-            owner=str(b["parent"] or "host"),
             root=bool(b["root"]),
             bypass_iommu=bool(b["bypass"]),
             parent_device=b["parent"],  # type: ignore[arg-type]
@@ -101,8 +100,6 @@ def build(spec: Spec) -> tuple[Topology, list[VIommu]]:
         kind="intel",
         covers=covers,
         machine_created=False,
-        hotplugged=False,
-        caching_mode=True,
     )
     return topo, [viommu]
 
