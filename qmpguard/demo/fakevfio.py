@@ -120,3 +120,26 @@ def build_vtd_guest(cache_dir: Path) -> Path:
             "-Wl,-z,max-page-size=0x1000",
         ],
     )
+
+
+AMD_GUEST_SOURCE = Path(__file__).with_name("amd_guest.S")
+
+
+def build_amd_guest(cache_dir: Path) -> Path:
+    """The multiboot guest that enables AMD-Vi DMA translation, built from amd_guest.S."""
+    return _build_cached(
+        AMD_GUEST_SOURCE,
+        cache_dir,
+        "amd-guest",
+        ".elf",
+        [
+            "-m32",
+            "-nostdlib",
+            "-static",
+            "-ffreestanding",
+            "-Wl,-Ttext=0x100000",
+            "-Wl,--build-id=none",
+            "-Wl,-e,_start",
+            "-Wl,-z,max-page-size=0x1000",
+        ],
+    )

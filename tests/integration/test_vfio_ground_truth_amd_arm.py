@@ -1,0 +1,537 @@
+"""Ground truth for amd-iommu and ARM's vIOMMUs: real QEMU + VFIO emulation + qmpguard.
+
+Same method as test_vfio_ground_truth.py: the emulation's DMA log says what QEMU really
+did with each VFIO container, QEMU's own refusals are asserted by their message, and
+qmpguard's verdict must agree with both.
+
+amd-iommu (x86 matrix): with `dma-remap=on` (10.1+) the tiny AMD-Vi guest
+(qmpguard/demo/amd_guest.S) programs a device table and invalidates every entry, which
+switches each device QEMU knows from pass-through to translation: a correctly ordered
+container then maps nothing, a misordered one keeps all guest RAM. 10.0 has no
+`dma-remap`: with the default `pt=on` every vfio device stays in pass-through, with
+`pt=off` the correct order is refused; 7.2 refuses the correct order outright.
+
+ARM `virt` (aarch64 matrix): a user-created `-device arm-smmuv3` (10.2+) refuses vfio-pci
+in the right order and maps all RAM in the wrong one; the machine's own `iommu=smmuv3`
+always comes first, so it always refuses; virtio-iommu-pci with boot-bypass=false shows
+the difference under -S. No guest is needed on ARM.
+
+Tests marked xfail(strict) are the analysis gaps measured here: each reason names what
+qmpguard lacks, and the mark must come off once the analysis closes the gap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from qemu.qmp import QMPClient
+
+from qmpguard.demo.fakevfio import (
+    VfioDeviceSpec,
+    build_amd_guest,
+    build_emulation,
+    create_sysfs_device,
+    emulation_env,
+    mapped_bytes,
+)
+from qmpguard.demo.qemu_process import QemuProcess
+from qmpguard.inspect import analyse_snapshot, inspect_target
+from qmpguard.qemu_types import HMP_MTREE
+from qmpguard.report.document import target_json
+from qmpguard.targets import parse_target
+from tests.conftest import QEMU_ARM_MATRIX, QEMU_MATRIX, VmFactory, record_evidence, requires_qemu
+
+pytestmark = [pytest.mark.integration, requires_qemu]
+
+RAM_MIB = 64
+RAM = RAM_MIB << 20
+AMD = "amd-iommu,id=viommu"  # 10.0: pt=on by default; 11.1: no dma-remap, pass-through
+AMD_REMAP = f"{AMD},dma-remap=on"
+NIC = "e1000e,bus=pcie.0,addr=3.0"  # between the IOMMU's own 01.0 and vfio at 09.0
+ROOT_PORT = "pcie-root-port,id=rp1,chassis=1"
+SMMU_DEVICE = "arm-smmuv3,id=smmu0,primary-bus=pcie.0"
+ARM_VIRTIO = "virtio-iommu-pci,id=viommu,boot-bypass=false"
+NOTIFIER_REFUSAL = "requires iommu notifier which is not currently supported"
+MAP_NOTIFIER_REFUSAL = "requires iommu MAP notifier which is not currently supported"
+GUEST_MARKER = "AMDVI"
+ORDERS = pytest.mark.parametrize("viommu_first", [True, False], ids=["viommu-first", "vfio-first"])
+ARM = pytest.mark.parametrize("arm", list(QEMU_ARM_MATRIX), ids=lambda label: f"qemu-{label}")
+# ARM tests start aarch64 VMs: the x86 matrix is pinned to its first build (test_check_live).
+ON_ARM = pytest.mark.parametrize(
+    "qemu_vm", [next(iter(QEMU_MATRIX))], indirect=True, ids=["aarch64"]
+)
+
+
+@functools.cache
+def qemu_version(binary: str) -> tuple[int, int]:
+    """(major, minor) from `binary --version` (the 11.1 wrapper passes it through)."""
+    out = subprocess.run(
+        [binary, "--version"], capture_output=True, text=True, timeout=60, check=False
+    ).stdout
+    m = re.search(r"version (\d+)\.(\d+)", out)
+    assert m, f"{binary} --version: {out!r}"
+    return int(m.group(1)), int(m.group(2))
+
+
+@pytest.fixture
+def x86(request: pytest.FixtureRequest) -> tuple[int, int]:
+    """The version of the x86 QEMU this test instance runs on."""
+    return qemu_version(QEMU_MATRIX[request.node.callspec.params["qemu_vm"]])
+
+
+def arm_binary(arm: str, since: tuple[int, int] = (0, 0)) -> str:
+    binary = QEMU_ARM_MATRIX[arm]
+    if shutil.which(binary) is None and not Path(binary).exists():
+        pytest.skip(f"{binary} not installed")
+    if qemu_version(binary) < since:
+        pytest.skip(f"needs QEMU {since[0]}.{since[1]}+ for aarch64")
+    return binary
+
+
+@dataclass
+class Built:
+    so: Path
+    guest: Path
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    cache = tmp_path_factory.mktemp("fakevfio-amd")
+    return Built(build_emulation(cache), build_amd_guest(cache))
+
+
+@dataclass
+class Vm:
+    proc: QemuProcess
+    dma_log: Path
+    console: Path
+
+
+def vfio(tmp_path: Path, bus: str, addr: str | None = "9.0") -> str:
+    sysfs = create_sysfs_device(tmp_path, VfioDeviceSpec("0000:01:00.0", 1))
+    where = f"bus={bus}" + (f",addr={addr}" if addr else "")
+    return f"vfio-pci,id=hostdev0,sysfsdev={sysfs},{where},rombar=0"
+
+
+def start(
+    qemu_vm: VmFactory,
+    tmp_path: Path,
+    built: Built,
+    machine: list[str],
+    devices: list[str],
+    binary: str | None = None,
+    name: str = "vm",
+) -> Vm:
+    """Start QEMU (not waiting for anything): machine args, then one -device per entry."""
+    dma_log, console = tmp_path / f"{name}.dma.log", tmp_path / f"{name}.debugcon.txt"
+    args = [*machine, "-m", str(RAM_MIB)]
+    for dev in devices:
+        args += ["-device", dev]
+    proc = qemu_vm(*args, env=emulation_env(built.so, dma_log), name=name, binary=binary)
+    return Vm(proc, dma_log, console)
+
+
+def q35(built: Built, console: Path | None) -> list[str]:
+    """q35 (TCG; kernel-irqchip=split is not needed for amd-iommu) with memfd RAM, and
+    either the AMD-Vi guest (console given) or -S."""
+    args = [
+        "-M",
+        "q35",
+        "-object",
+        f"memory-backend-memfd,id=mem,size={RAM_MIB}M",
+        "-machine",
+        "memory-backend=mem",
+    ]
+    return args + (
+        ["-kernel", str(built.guest), "-debugcon", f"file:{console}"] if console else ["-S"]
+    )
+
+
+def start_amd(
+    qemu_vm: VmFactory, tmp_path: Path, built: Built, devices: list[str], guest: bool
+) -> Vm:
+    console = tmp_path / "vm.debugcon.txt"
+    return start(qemu_vm, tmp_path, built, q35(built, console if guest else None), devices)
+
+
+async def _greeted(proc: QemuProcess) -> None:
+    client = QMPClient("ready")
+    await client.connect(str(proc.qmp_path))
+    await client.execute("query-status")
+    await client.disconnect()
+
+
+def running(vm: Vm, guest: bool = False, timeout: float = 30) -> Vm:
+    """QEMU greeted on QMP (every cold-plugged device realized); with the guest, also
+    wait (bounded poll on its console) until it printed that the queue drained."""
+    asyncio.run(_greeted(vm.proc))
+    deadline = time.monotonic() + timeout
+    while guest and not (vm.console.exists() and GUEST_MARKER in vm.console.read_text()):
+        assert vm.proc.popen is not None and vm.proc.popen.poll() is None, vm.proc.stderr_text()
+        assert time.monotonic() < deadline, "the AMD-Vi guest did not finish"
+        time.sleep(0.02)  # bounded poll on a condition, not a fixed wait
+    return vm
+
+
+def refused(vm: Vm) -> str:
+    """QEMU exited with an error at start: its stderr."""
+    assert vm.proc.popen is not None
+    assert vm.proc.popen.wait(timeout=60) != 0, vm.proc.stderr_text()
+    return vm.proc.stderr_text()
+
+
+def accepted_silently(vm: Vm) -> bool:
+    """QEMU runs and printed nothing but warnings (none of them about the order)."""
+    assert vm.proc.popen is not None and vm.proc.popen.poll() is None
+    lines = [ln for ln in vm.proc.stderr_text().splitlines() if ln.strip()]
+    return all("warning:" in ln for ln in lines)
+
+
+def all_ram_mapped(vm: Vm) -> bool:
+    mapped = mapped_bytes(vm.dma_log)
+    return len(mapped) == 1 and all(v >= RAM for v in mapped.values())
+
+
+def nothing_mapped(vm: Vm) -> bool:
+    return all(v == 0 for v in mapped_bytes(vm.dma_log).values())
+
+
+def inspect(vm: Vm, cmdline: bool = True, scenario: str = "") -> dict[str, Any]:
+    """qmpguard's report on the VM; cmdline=False keeps only QMP-visible evidence."""
+    live = asyncio.run(inspect_target(parse_target(str(vm.proc.qmp_path))))
+    assert live.ok and live.snapshot is not None, live.error and live.error.message
+    if cmdline:
+        doc = target_json(live)
+    else:
+        doc = target_json(analyse_snapshot(live.target, live.snapshot.without_cmdline()))
+    if scenario:
+        record_evidence(doc, scenario)
+    return doc
+
+
+def mtree_text(vm: Vm) -> str:
+    """`info mtree -f` as qmpguard collected it (no command of the test's own)."""
+    live = asyncio.run(inspect_target(parse_target(str(vm.proc.qmp_path))))
+    assert live.snapshot is not None
+    text = live.snapshot.get_or("", "human-monitor-command", **{"command-line": HMP_MTREE})
+    assert isinstance(text, str)
+    return text
+
+
+def device(doc: dict[str, Any], dev_id: str = "hostdev0") -> dict[str, Any]:
+    return next(d for d in doc["devices"] if d["id"] == dev_id)
+
+
+def codes(doc: dict[str, Any], dev_id: str = "hostdev0") -> list[str]:
+    return sorted(
+        f["code"] for f in doc["findings"] if f["device"] == f"/machine/peripheral/{dev_id}"
+    )
+
+
+def finding(doc: dict[str, Any], code: str, dev_id: str = "hostdev0") -> dict[str, Any]:
+    return next(
+        f
+        for f in doc["findings"]
+        if f["code"] == code and f["device"] == f"/machine/peripheral/{dev_id}"
+    )
+
+
+def assert_verdict(doc: dict[str, Any], misbound: bool) -> None:
+    """QG001 exactly for the misordered device; the correct one is not misbound."""
+    dev = device(doc)
+    assert dev["vfio"] and dev["expected"]["kind"] == "viommu", dev["expected"]
+    if misbound:
+        assert dev["verdict"] == "misbound", dev["order"]
+        assert "QG001" in codes(doc)
+    else:
+        assert dev["verdict"] == "ok", dev["order"]
+        assert "QG001" not in codes(doc)
+
+
+def amd_spaces(text: str) -> list[int]:
+    """devfns of amd-iommu's address spaces in printed order (`amd_iommu_devfn_<n>`)."""
+    return [int(n) for n in re.findall(r' AS "amd_iommu_devfn_(\d+)"', text)]
+
+
+def bus_master_order(text: str) -> list[str]:
+    """Device names in the flat view of bus-master-disabled spaces, in creation order."""
+    return re.findall(r' AS "([^"]+)", root: bus master container', text)
+
+
+def order(viommu_first: bool, viommu: str, vfio_dev: str, *rest: str) -> list[str]:
+    return [viommu, vfio_dev, *rest] if viommu_first else [vfio_dev, viommu, *rest]
+
+
+# ------------------------------------------------------------- amd-iommu, x86
+
+
+@ORDERS
+def test_amd_dma_remap_guest_translating(
+    qemu_vm: VmFactory, tmp_path: Path, built: Built, x86: tuple[int, int], viommu_first: bool
+) -> None:
+    """11.1: correct order 0 bytes mapped once the guest translates, wrong order all RAM."""
+    if x86 < (10, 1):
+        pytest.skip("amd-iommu has dma-remap (vfio behind a translating amd-iommu) from 10.1")
+    devices = order(viommu_first, AMD_REMAP, vfio(tmp_path, "pcie.0"), NIC)
+    vm = running(start_amd(qemu_vm, tmp_path, built, devices, guest=True), guest=True)
+    assert nothing_mapped(vm) if viommu_first else all_ram_mapped(vm), mapped_bytes(vm.dma_log)
+    assert accepted_silently(vm), vm.proc.stderr_text()
+    doc = inspect(vm, scenario="amd-iommu dma-remap, guest translating")
+    assert_verdict(doc, misbound=not viommu_first)
+    # QMP alone: once translating, every amd space has its own flat view (creation order
+    # lost). Whatever qmpguard concludes, it must never contradict the DMA log.
+    bare = inspect(vm, cmdline=False, scenario="amd-iommu dma-remap, guest translating, no cmdline")
+    assert device(bare)["verdict"] in ("ok" if viommu_first else "misbound", "unverified")
+
+
+@ORDERS
+def test_amd_dma_remap_paused_sequence(
+    qemu_vm: VmFactory, tmp_path: Path, built: Built, x86: tuple[int, int], viommu_first: bool
+) -> None:
+    """11.1 under -S: both map all RAM (pass-through); the space order tells them apart.
+
+    The IOMMU's own spaces come first (IOAPIC, devfn 160, in its realize); vfio at 09.0
+    (devfn 72) asks for its space in realize, so the correct order puts 72 right after 160
+    and the wrong one puts it inside the machine-done batch, in devfn order. Samples:
+    tests/data/11.1-samples/amd-dma-remap-*-paused.txt.
+    """
+    if x86 < (10, 1):
+        pytest.skip("amd-iommu has dma-remap from 10.1")
+    devices = order(viommu_first, AMD_REMAP, vfio(tmp_path, "pcie.0"), NIC)
+    vm = running(start_amd(qemu_vm, tmp_path, built, devices, guest=False))
+    assert all_ram_mapped(vm), mapped_bytes(vm.dma_log)  # nothing translates before the guest
+    text = mtree_text(vm)
+    batch = [0, 8, 24, 248, 250, 251]  # mch, AMDVI-PCI, e1000e, LPC, AHCI, SMBus
+    assert amd_spaces(text) == (
+        [160, 72, *batch] if viommu_first else [160, 0, 8, 24, 72, *batch[3:]]
+    )
+    seen = [n for n in bus_master_order(text) if n in ("AMDVI-PCI", "vfio-pci")]
+    assert seen == (["AMDVI-PCI", "vfio-pci"] if viommu_first else ["vfio-pci", "AMDVI-PCI"])
+    assert_verdict(inspect(vm, scenario="amd-iommu dma-remap, -S"), misbound=not viommu_first)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="qmpguard takes no order evidence from amd-iommu's address spaces: the "
+    "`amd_iommu_devfn_<n>` naming is known but not checked as an order source "
+    "(viommu_models 'amd' order_checked=False), so without the command line the verdict "
+    "is unverified although 11.1 under -S shows 160, 72, 0, 8, 24, 248, 250, 251 "
+    "(correct) vs 160, 0, 8, 24, 72, 248, 250, 251 (misordered) in one flat view",
+)
+@ORDERS
+def test_amd_dma_remap_paused_verdict_without_cmdline(
+    qemu_vm: VmFactory, tmp_path: Path, built: Built, x86: tuple[int, int], viommu_first: bool
+) -> None:
+    if x86 < (10, 1):
+        pytest.skip("amd-iommu has dma-remap from 10.1")
+    devices = order(viommu_first, AMD_REMAP, vfio(tmp_path, "pcie.0"), NIC)
+    vm = running(start_amd(qemu_vm, tmp_path, built, devices, guest=False))
+    bare = inspect(vm, cmdline=False, scenario="amd-iommu dma-remap, -S, no cmdline")
+    assert_verdict(bare, misbound=not viommu_first)
+
+
+@ORDERS
+def test_amd_passthrough_keeps_all_ram(
+    qemu_vm: VmFactory, tmp_path: Path, built: Built, x86: tuple[int, int], viommu_first: bool
+) -> None:
+    """10.0 (pt=on, its default) and 10.1+ without dma-remap: whatever the guest does,
+    both orders keep all guest RAM mapped. Only the misordered one is misbound."""
+    if x86 < (10, 0):
+        pytest.skip("QEMU 7.2 refuses the correct order (test_amd_notifier_refusal)")
+    devices = order(viommu_first, AMD, vfio(tmp_path, "pcie.0"), NIC)
+    vm = running(start_amd(qemu_vm, tmp_path, built, devices, guest=True), guest=True)
+    assert all_ram_mapped(vm), mapped_bytes(vm.dma_log)
+    assert accepted_silently(vm), vm.proc.stderr_text()
+    doc = inspect(vm, scenario="amd-iommu pass-through, guest running")
+    assert_verdict(doc, misbound=not viommu_first)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="qmpguard reads neither amd-iommu's `pt` (10.0, on by default) nor `dma-remap` "
+    "(10.1+, off by default): a correctly ordered vfio device that QEMU keeps in "
+    "pass-through whatever the guest programs gets verdict ok and no finding, although "
+    "the DMA log shows all guest RAM mapped (the guest cannot isolate it)",
+)
+def test_amd_passthrough_is_reported(
+    qemu_vm: VmFactory, tmp_path: Path, built: Built, x86: tuple[int, int]
+) -> None:
+    if x86 < (10, 0):
+        pytest.skip("QEMU 7.2 refuses the correct order (test_amd_notifier_refusal)")
+    devices = [AMD, vfio(tmp_path, "pcie.0"), NIC]
+    vm = running(start_amd(qemu_vm, tmp_path, built, devices, guest=True), guest=True)
+    assert all_ram_mapped(vm)
+    assert codes(inspect(vm)) != []
+
+
+@ORDERS
+def test_amd_notifier_refusal(
+    qemu_vm: VmFactory, tmp_path: Path, built: Built, x86: tuple[int, int], viommu_first: bool
+) -> None:
+    """7.2 (any amd-iommu) and 10.0 with pt=off: QEMU refuses the correct order; the
+    wrong one boots and keeps all guest RAM mapped after the guest programs the IOMMU."""
+    if x86 >= (10, 1):
+        pytest.skip("10.1+ has no amd-iommu pt property; dma-remap=on accepts vfio")
+    viommu = AMD if x86 < (10, 0) else f"{AMD},pt=off"
+    devices = order(viommu_first, viommu, vfio(tmp_path, "pcie.0"), NIC)
+    vm = start_amd(qemu_vm, tmp_path, built, devices, guest=True)
+    if viommu_first:
+        err = refused(vm)
+        assert NOTIFIER_REFUSAL in err and "Region amd_iommu: device 00.09.0" in err, err
+        return
+    running(vm, guest=True)
+    assert all_ram_mapped(vm), mapped_bytes(vm.dma_log)
+    assert accepted_silently(vm), vm.proc.stderr_text()
+    assert_verdict(inspect(vm, scenario="amd-iommu, correct order refused"), misbound=True)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a running vfio device behind amd-iommu on 7.2 (or 10.0 with pt=off) can only be "
+    "misordered, since QEMU refuses the correct order (DOMAIN.md §4.8), but qmpguard "
+    "neither applies that rule nor reads `pt`: without the command line it says unverified",
+)
+def test_amd_refused_order_implies_misbound_without_cmdline(
+    qemu_vm: VmFactory, tmp_path: Path, built: Built, x86: tuple[int, int]
+) -> None:
+    if x86 >= (10, 1):
+        pytest.skip("10.1+ accepts both orders")
+    viommu = AMD if x86 < (10, 0) else f"{AMD},pt=off"
+    vm = running(
+        start_amd(qemu_vm, tmp_path, built, [vfio(tmp_path, "pcie.0"), viommu, NIC], False)
+    )
+    assert all_ram_mapped(vm)
+    assert_verdict(inspect(vm, cmdline=False), misbound=True)
+
+
+# ------------------------------------------------------------- ARM virt, aarch64
+
+
+def order_arm(viommu_first: bool, viommu: str, vfio_dev: str) -> list[str]:
+    """The vIOMMU before or after the root port holding the vfio device."""
+    return [viommu, ROOT_PORT, vfio_dev] if viommu_first else [ROOT_PORT, vfio_dev, viommu]
+
+
+def start_arm(
+    qemu_vm: VmFactory, tmp_path: Path, built: Built, binary: str, machine: str, devices: list[str]
+) -> Vm:
+    return start(qemu_vm, tmp_path, built, ["-S", "-M", machine], devices, binary=binary)
+
+
+@ON_ARM
+@ARM
+@ORDERS
+def test_arm_smmuv3_device_order(
+    qemu_vm: VmFactory, tmp_path: Path, built: Built, arm: str, viommu_first: bool
+) -> None:
+    """-device arm-smmuv3 (10.2+): the right order is refused, the wrong one maps all RAM."""
+    binary = arm_binary(arm, since=(10, 2))
+    devices = order_arm(viommu_first, SMMU_DEVICE, vfio(tmp_path, "rp1", addr=None))
+    vm = start_arm(qemu_vm, tmp_path, built, binary, "virt", devices)
+    if viommu_first:
+        err = refused(vm)
+        assert MAP_NOTIFIER_REFUSAL in err and "Region smmuv3-iommu-memory-region-" in err, err
+        return
+    running(vm)
+    assert all_ram_mapped(vm), mapped_bytes(vm.dma_log)
+    assert accepted_silently(vm), vm.proc.stderr_text()
+    doc = inspect(vm, scenario="arm-smmuv3 device, -S")
+    assert [v["type"] for v in doc["viommus"]] == ["arm-smmuv3"]
+    assert device(doc)["expected"]["viommu"] == "/machine/peripheral/smmu0"
+    assert_verdict(doc, misbound=True)
+
+
+@ON_ARM
+@ARM
+def test_arm_smmuv3_fix_is_not_reorder(
+    qemu_vm: VmFactory, tmp_path: Path, built: Built, arm: str
+) -> None:
+    """Reordering makes QEMU refuse to start: QG001 must name what works instead."""
+    binary = arm_binary(arm, since=(10, 2))
+    devices = order_arm(False, SMMU_DEVICE, vfio(tmp_path, "rp1", addr=None))
+    vm = running(start_arm(qemu_vm, tmp_path, built, binary, "virt", devices))
+    message = finding(inspect(vm), "QG001")["message"]
+    fix = message.split("Fix:", 1)[-1]
+    assert "before" not in fix, message  # "put the -device arm-smmuv3 option before ..."
+    assert "virtio-iommu" in fix and "refuse" in fix, message
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="qmpguard does not apply the rule that QEMU refuses vfio-pci behind an emulated "
+    "arm-smmuv3 in the right order (no MAP notifier; DOMAIN.md §7), so a running one can "
+    "only be misordered: without the command line it says unverified ('address-space "
+    "order not established for arm-smmuv3')",
+)
+@ON_ARM
+@ARM
+def test_arm_smmuv3_misorder_without_cmdline(
+    qemu_vm: VmFactory, tmp_path: Path, built: Built, arm: str
+) -> None:
+    """QEMU refuses vfio-pci behind an emulated SMMUv3 in the right order, so a running
+    one is misbound: QMP alone must not call it ok."""
+    binary = arm_binary(arm, since=(10, 2))
+    devices = order_arm(False, SMMU_DEVICE, vfio(tmp_path, "rp1", addr=None))
+    vm = running(start_arm(qemu_vm, tmp_path, built, binary, "virt", devices))
+    bare = inspect(vm, cmdline=False, scenario="arm-smmuv3 device, -S, no cmdline")
+    assert_verdict(bare, misbound=True)
+
+
+@ON_ARM
+@ARM
+def test_arm_machine_smmuv3_refuses_vfio(
+    qemu_vm: VmFactory, tmp_path: Path, built: Built, arm: str
+) -> None:
+    """virt,iommu=smmuv3 exists before every device: vfio-pci behind it never starts."""
+    binary = arm_binary(arm)
+    devices = [ROOT_PORT, vfio(tmp_path, "rp1", addr=None)]
+    err = refused(start_arm(qemu_vm, tmp_path, built, binary, "virt,iommu=smmuv3", devices))
+    assert MAP_NOTIFIER_REFUSAL in err and "Region smmuv3-iommu-memory-region-" in err, err
+
+
+@ON_ARM
+@ARM
+@ORDERS
+def test_arm_virtio_iommu_order(
+    qemu_vm: VmFactory, tmp_path: Path, built: Built, arm: str, viommu_first: bool
+) -> None:
+    """virtio-iommu-pci on virt with boot-bypass=false: the difference shows under -S."""
+    binary = arm_binary(arm)
+    devices = order_arm(viommu_first, ARM_VIRTIO, vfio(tmp_path, "rp1", addr=None))
+    vm = running(start_arm(qemu_vm, tmp_path, built, binary, "virt", devices))
+    assert nothing_mapped(vm) if viommu_first else all_ram_mapped(vm), mapped_bytes(vm.dma_log)
+    assert accepted_silently(vm), vm.proc.stderr_text()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="qmpguard's collection reads `qom-get /machine iommu`; on an ARM virt machine "
+    "with a virtio-iommu-pci that getter aborts QEMU (hw/arm/virt.c virt_get_iommu: "
+    "'code should not be reached', its switch knows only none and smmuv3), seen on 7.2 "
+    "and 11.1: the inspection kills the VM",
+)
+@ON_ARM
+@ARM
+@ORDERS
+def test_arm_virtio_iommu_verdict(
+    qemu_vm: VmFactory, tmp_path: Path, built: Built, arm: str, viommu_first: bool
+) -> None:
+    binary = arm_binary(arm)
+    devices = order_arm(viommu_first, ARM_VIRTIO, vfio(tmp_path, "rp1", addr=None))
+    vm = running(start_arm(qemu_vm, tmp_path, built, binary, "virt", devices))
+    try:
+        doc = inspect(vm, scenario="virtio-iommu-pci on ARM virt, -S")
+    finally:
+        assert vm.proc.popen is not None and vm.proc.popen.poll() is None, vm.proc.stderr_text()
+    assert_verdict(doc, misbound=not viommu_first)
+    bare = inspect(vm, cmdline=False, scenario="virtio-iommu-pci on ARM virt, -S, no cmdline")
+    assert_verdict(bare, misbound=not viommu_first)
