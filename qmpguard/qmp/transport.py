@@ -1,17 +1,21 @@
 """A read-only QMP session over qemu.qmp, with timeouts and one-line errors.
 
 Every command passes the allow-list before it is sent. Failures surface as
-`InspectionError` with a short `reason` (for metrics) and a one-line message.
+`InspectionError` with an `ErrorReason` (for metrics) and a one-line message.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import os
 import socket
+import stat
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Protocol
 
 from qemu.qmp import ExecuteError, QMPClient
@@ -29,12 +33,43 @@ READ_LIMIT_BYTES = 16 * 1024 * 1024
 _LIBVIRT_MONITOR_MARKERS = ("/libvirt/qemu/", "/libvirt/qemu-")
 
 
-class InspectionError(Exception):
-    """A target could not be inspected. `reason` is a short, stable token."""
+#: How often a connect is retried while a UNIX socket's listen backlog is full.
+BACKLOG_RETRY_S = 0.05
 
-    def __init__(self, reason: str, message: str) -> None:
+
+class ErrorReason(StrEnum):
+    """Why a target could not be inspected. The values are the `reason` label of
+    `qmpguard_inspection_errors_total` and the report's `error_reason`: a contract."""
+
+    BUSY = "busy"  # no greeting in time, or the listen backlog stayed full
+    TIMEOUT = "timeout"  # greeted, then a reply or the whole inspection took too long
+    DISCONNECTED = "disconnected"  # the peer closed the connection
+    NOT_QMP = "not-qmp"  # the peer answered, but not as a QMP server
+    NOT_A_SOCKET = "not-a-socket"  # the path is a file, directory or device
+    NO_SOCKET = "no-socket"  # nothing at the path
+    PERMISSION_DENIED = "permission-denied"
+    REFUSED = "refused"  # a socket nobody listens on (stale: QEMU gone)
+    UNREACHABLE = "unreachable"  # name resolution, routing, TCP connect timeout
+    UNSUPPORTED = "unsupported"  # the target kind needs what is not installed
+    LIBVIRT_SOCKET = "libvirt-socket"  # a libvirt-held monitor: refused on purpose
+    LIBVIRT = "libvirt"  # libvirt reported an error
+    NO_DOMAIN = "no-domain"
+    NOT_RUNNING = "not-running"
+    BAD_REPLY = "bad-reply"  # a reply of the wrong shape
+    BAD_SNAPSHOT = "bad-snapshot"  # a snapshot file that cannot be read or is corrupted
+    UNSUPPORTED_SNAPSHOT = "unsupported-snapshot"  # a snapshot schema version unknown here
+    INTERNAL = "internal"  # a qmpguard bug (e.g. a command outside the allow-list)
+
+
+class InspectionError(Exception):
+    """A target could not be inspected: an ErrorReason and a one-line message.
+
+    A string reason must be one of ErrorReason's values (ValueError otherwise).
+    """
+
+    def __init__(self, reason: ErrorReason | str, message: str) -> None:
         super().__init__(message)
-        self.reason = reason
+        self.reason = ErrorReason(reason)
         self.message = message
 
 
@@ -68,7 +103,7 @@ def refuse_libvirt_socket(path: str) -> None:
     """Never take a libvirt-held monitor: a waiting client steals it when libvirtd restarts."""
     if any(m in path for m in _LIBVIRT_MONITOR_MARKERS) and path.endswith("monitor.sock"):
         raise InspectionError(
-            "libvirt-socket",
+            ErrorReason.LIBVIRT_SOCKET,
             f"{path} is a libvirt domain monitor; qmpguard never connects to it "
             "(use the target libvirt:DOMAIN instead)",
         )
@@ -140,13 +175,13 @@ class QMPSession:
             raise CommandFailed(str(err.class_), str(err.desc)) from None
         except TimeoutError:
             raise InspectionError(
-                "timeout", f"{command} got no reply within {self.timeouts.command:g}s"
+                ErrorReason.TIMEOUT, f"{command} got no reply within {self.timeouts.command:g}s"
             ) from None
         except ForbiddenCommand:
             raise
         except Exception as exc:  # qemu.qmp raises assorted types when the peer goes away
             raise InspectionError(
-                "disconnected", f"connection lost during {command}: {_describe(exc)}"
+                ErrorReason.DISCONNECTED, f"connection lost during {command}: {_describe(exc)}"
             ) from None
 
 
@@ -158,10 +193,57 @@ def _describe(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _not_a_socket(path: str) -> InspectionError | None:
+    """An error if `path` exists and is no socket (a file, directory or device)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISSOCK(mode):
+        return None
+    kind = (
+        "a directory"
+        if stat.S_ISDIR(mode)
+        else "a regular file"
+        if stat.S_ISREG(mode)
+        else "a FIFO"
+        if stat.S_ISFIFO(mode)
+        else "a device"
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+        else "not a socket"
+    )
+    return InspectionError(ErrorReason.NOT_A_SOCKET, f"{path} is {kind}, not a QMP socket")
+
+
+async def _connect_unix(sock: socket.socket, path: str, timeout: float) -> None:
+    """connect() a non-blocking UNIX socket. EAGAIN means the listener's backlog is full
+    (QEMU stopped, or its one monitor held while others queue): retried until `timeout`,
+    then reported as busy. asyncio's sock_connect would take EAGAIN for success."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError as exc:
+            if exc.errno != errno.EAGAIN:
+                raise
+        if loop.time() >= deadline:
+            raise InspectionError(
+                ErrorReason.BUSY,
+                f"monitor busy: the listen backlog of {path} stayed full for {timeout:g}s "
+                "(QEMU stopped or hung, or its monitor held while other clients wait)",
+            )
+        await asyncio.sleep(BACKLOG_RETRY_S)
+
+
 async def _connect_socket(target: Target, timeout: float) -> socket.socket:
     loop = asyncio.get_running_loop()
     if target.kind == "unix":
         refuse_libvirt_socket(target.address)
+        wrong = _not_a_socket(target.address)
+        if wrong is not None:
+            raise wrong
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         address: Any = target.address
     elif target.kind == "tcp":
@@ -169,36 +251,53 @@ async def _connect_socket(target: Target, timeout: float) -> socket.socket:
         try:
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError as exc:
-            raise InspectionError("unreachable", f"cannot resolve {host}: {exc}") from None
+            raise InspectionError(
+                ErrorReason.UNREACHABLE, f"cannot resolve {host}: {exc}"
+            ) from None
         family, _, proto, _, address = infos[0]
         sock = socket.socket(family, socket.SOCK_STREAM, proto)
     else:
-        raise InspectionError("unsupported", f"{target.kind} targets do not use a QMP socket")
+        raise InspectionError(
+            ErrorReason.UNSUPPORTED, f"{target.kind} targets do not use a QMP socket"
+        )
     sock.setblocking(False)
     try:
-        async with asyncio.timeout(timeout):
-            await loop.sock_connect(sock, address)
+        if target.kind == "unix":  # never blocks: bounded by its own deadline
+            await _connect_unix(sock, address, timeout)
+        else:
+            async with asyncio.timeout(timeout):
+                await loop.sock_connect(sock, address)
     except FileNotFoundError:
         sock.close()
-        raise InspectionError("no-socket", f"no such socket: {target.address}") from None
+        raise InspectionError(ErrorReason.NO_SOCKET, f"no such socket: {target.address}") from None
     except PermissionError:
         sock.close()
         raise InspectionError(
-            "permission-denied", f"permission denied on {target.address}"
+            ErrorReason.PERMISSION_DENIED, f"permission denied on {target.address}"
         ) from None
     except ConnectionRefusedError:
         sock.close()
-        raise InspectionError(
-            "refused", f"connection refused by {target.address} (stale socket: QEMU gone?)"
+        # Re-checked: the path may have been replaced by a file since the first look.
+        raise _not_a_socket(target.address) or InspectionError(
+            ErrorReason.REFUSED,
+            f"connection refused by {target.address} (stale socket: QEMU gone?)",
         ) from None
     except TimeoutError:
         sock.close()
-        raise InspectionError("unreachable", f"connect to {target.address} timed out") from None
+        raise InspectionError(
+            ErrorReason.UNREACHABLE, f"connect to {target.address} timed out"
+        ) from None
+    except InspectionError:
+        sock.close()
+        raise
     except OSError as exc:
         sock.close()
         raise InspectionError(
-            "unreachable", f"cannot connect to {target.address}: {exc.strerror or exc}"
+            ErrorReason.UNREACHABLE, f"cannot connect to {target.address}: {exc.strerror or exc}"
         ) from None
+    except BaseException:  # cancelled while connecting: the socket is ours to close
+        sock.close()
+        raise
     return sock
 
 
@@ -220,12 +319,12 @@ async def open_session(
         except TimeoutError:
             if client.greeting is not None:
                 raise InspectionError(
-                    "timeout",
+                    ErrorReason.TIMEOUT,
                     f"{target.address} greeted but did not answer "
                     f"qmp_capabilities within {timeouts.greeting:g}s",
                 ) from None
             raise InspectionError(
-                "busy",
+                ErrorReason.BUSY,
                 f"monitor busy, held by another client: no QMP greeting from {target.address} "
                 f"within {timeouts.greeting:g}s",
             ) from None
@@ -233,10 +332,11 @@ async def open_session(
             cause = exc.exc if hasattr(exc, "exc") else exc.__cause__
             if isinstance(cause, EOFError | ConnectionResetError | BrokenPipeError):
                 raise InspectionError(
-                    "disconnected", f"{target.address} closed the connection before the greeting"
+                    ErrorReason.DISCONNECTED,
+                    f"{target.address} closed the connection before the greeting",
                 ) from None
             raise InspectionError(
-                "not-qmp", f"{target.address} is not a QMP peer: {_describe(exc)}"
+                ErrorReason.NOT_QMP, f"{target.address} is not a QMP peer: {_describe(exc)}"
             ) from None
         # Read the peer only now: after the greeting the process is QEMU for sure (a wrapper
         # that execs QEMU would otherwise be caught mid-way).
