@@ -1,0 +1,38 @@
+"""Process discovery end to end: /proc facts -> greeting probes -> classification."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Collection
+
+from qmpguard.discovery.classify import classify, monitor_addresses
+from qmpguard.discovery.model import DiscoveredVM, ProbeResult, ProcessFacts
+from qmpguard.discovery.probe import PROBE_TIMEOUT_S, probe
+from qmpguard.discovery.procfs import qemu_processes, read_facts
+
+
+def read_all(only: Collection[int] | None = None) -> list[ProcessFacts]:
+    """Facts of every QEMU process on the host, or of those in `only` (blocking reads)."""
+    return [read_facts(pid, argv) for pid, argv in qemu_processes(only)]
+
+
+async def discover(
+    *,
+    probe_monitors: bool = True,
+    timeout: float = PROBE_TIMEOUT_S,
+    only: Collection[int] | None = None,
+) -> list[DiscoveredVM]:
+    """Every QEMU process with how it would be inspected.
+
+    With `probe_monitors`, each QMP monitor of its own that no client is seen holding
+    gets a greeting probe (connect, read the greeting, close): busy ones are told apart.
+    Without, the socket table alone decides (what the daemon uses on every rescan).
+    `only`: look at these process ids alone.
+    """
+    facts = await asyncio.to_thread(read_all, only)
+    probes: dict[str, ProbeResult] = {}
+    if probe_monitors:
+        addresses = sorted({a for f in facts for a in monitor_addresses(f)})
+        results = await asyncio.gather(*(probe(a, timeout) for a in addresses))
+        probes = dict(zip(addresses, results, strict=True))
+    return [classify(f, probes) for f in facts]
