@@ -28,7 +28,6 @@ BASE_READS: tuple[Read, ...] = (
     ("human-monitor-command", {"command-line": HMP_QTREE}),
     ("qom-list", {"path": "/"}),
     *(("qom-list", {"path": c}) for c in T.OBJECT_CONTAINERS),
-    ("qom-get", {"path": "/machine", "property": "iommu"}),
     ("query-pci", {}),
     ("human-monitor-command", {"command-line": HMP_MTREE}),
 )

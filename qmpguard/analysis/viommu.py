@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from qmpguard import qemu_types as T
 from qmpguard.analysis.shape import qom_get, qom_list
-from qmpguard.analysis.topology import Topology
+from qmpguard.analysis.topology import Topology, is_builtin
 from qmpguard.qemu_types import child_type
 from qmpguard.snapshot import Snapshot
 
@@ -48,14 +48,12 @@ def viommu_reads(snap: Snapshot) -> list[tuple[str, dict[str, str]]]:
 def find_viommus(snap: Snapshot, topo: Topology) -> list[VIommu]:
     """vIOMMUs from QOM: sysbus ones in the containers, PCI ones on the buses."""
     found: list[VIommu] = []
-    machine_iommu = qom_get(snap, "/machine", "iommu", str)
     for path, vtype in sysbus_viommus(snap):
         primary = qom_get(snap, path, "primary-bus", str)
-        machine_created = (
-            vtype == "arm-smmuv3"
-            and path.startswith("/machine/unattached/")
-            and machine_iommu == "smmuv3"
-        )
+        # The virt machine creates its SMMU itself (/machine/unattached); a user's
+        # -device arm-smmuv3 lives under /machine/peripheral(-anon). The machine's `iommu`
+        # property is never read: its getter aborts QEMU when a virtio-iommu is present.
+        machine_created = vtype == "arm-smmuv3" and is_builtin(path)
         found.append(
             VIommu(path, vtype, T.VIOMMU_TYPES[vtype], primary or topo.main_root, machine_created)
         )

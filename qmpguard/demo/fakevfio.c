@@ -19,6 +19,10 @@
  *   QMPGUARD_VFIO_DMA_LOG           file to append one line per DMA map/unmap:
  *                                   "map c=<container> iova=0x.. size=0x.. vaddr=0x.."
  *                                   "unmap c=<container> iova=0x.. size=0x.."
+ *                                   and one per group attached to / detached from a
+ *                                   container (VFIO_GROUP_SET/UNSET_CONTAINER):
+ *                                   "attach g=<group> c=<container>"
+ *                                   "detach g=<group> c=<container>"
  *   QMPGUARD_VFIO_ID                vendor:device in hex for every device (1b36:0005)
  *   QMPGUARD_VFIO_EMUL_ALLOW_SHADOW "1" to run although a real /dev/vfio/vfio exists
  *                                   (by default the library refuses: it must never stand
@@ -417,12 +421,18 @@ static int group_ioctl(struct object *obj, unsigned long req, void *arg)
         }
         return 0;
     }
-    case VFIO_GROUP_SET_CONTAINER:
+    case VFIO_GROUP_SET_CONTAINER: {
+        struct object *container = lookup(*(int *)arg);
         obj->container = *(int *)arg;
+        dma_log("attach g=%d c=%d\n", obj->id, container ? container->id : -1);
         return 0;
-    case VFIO_GROUP_UNSET_CONTAINER:
+    }
+    case VFIO_GROUP_UNSET_CONTAINER: {
+        struct object *container = lookup(obj->container);
+        dma_log("detach g=%d c=%d\n", obj->id, container ? container->id : -1);
         obj->container = -1;
         return 0;
+    }
     case VFIO_GROUP_GET_DEVICE_FD: {
         int fd;
         pthread_mutex_lock(&lock);

@@ -13,6 +13,7 @@ SOURCE = Path(__file__).with_name("fakevfio.c")
 _LOG_LINE = re.compile(
     r"(map|unmap) c=(\d+) iova=0x([0-9a-f]+) size=0x([0-9a-f]+)(?: vaddr=0x[0-9a-f]+)?"
 )
+_GROUP_LINE = re.compile(r"(attach|detach) g=(\d+) c=(-?\d+)")
 
 
 def _build_cached(source: Path, cache_dir: Path, stem: str, suffix: str, flags: list[str]) -> Path:
@@ -97,6 +98,33 @@ def mapped_bytes(dma_log: Path) -> dict[int, int]:
                 kept.append((end, b))
         maps[container] = kept
     return {c: sum(b - a for a, b in r) for c, r in maps.items()}
+
+
+def attached_groups(dma_log: Path) -> dict[int, int]:
+    """Group -> the container it is attached to at the end of the log (detached: absent).
+
+    QEMU attaches each group of a vfio device to the container of the device's DMA
+    address space (sharing one container between groups in the same space).
+    """
+    groups: dict[int, int] = {}
+    if not dma_log.exists():
+        return groups
+    for line in dma_log.read_text().splitlines():
+        m = _GROUP_LINE.fullmatch(line.strip())
+        if not m:
+            continue
+        group, container = int(m.group(2)), int(m.group(3))
+        if m.group(1) == "attach":
+            groups[group] = container
+        elif groups.get(group) == container:
+            del groups[group]
+    return groups
+
+
+def mapped_bytes_by_group(dma_log: Path) -> dict[int, int]:
+    """Bytes still DMA-mapped for each attached group: those of the container it is in."""
+    per_container = mapped_bytes(dma_log)
+    return {g: per_container.get(c, 0) for g, c in attached_groups(dma_log).items()}
 
 
 GUEST_SOURCE = Path(__file__).with_name("vtd_guest.S")

@@ -245,6 +245,10 @@ def finding(doc: dict[str, Any], code: str, dev_id: str = "hostdev0") -> dict[st
     )
 
 
+def qemu_alive(vm: Any) -> bool:
+    return bool(vm.proc.popen is not None and vm.proc.popen.poll() is None)
+
+
 def assert_verdict(doc: dict[str, Any], misbound: bool) -> None:
     """QG001 exactly for the misordered device; the correct one is not misbound."""
     dev = device(doc)
@@ -512,13 +516,6 @@ def test_arm_virtio_iommu_order(
     assert accepted_silently(vm), vm.proc.stderr_text()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="qmpguard's collection reads `qom-get /machine iommu`; on an ARM virt machine "
-    "with a virtio-iommu-pci that getter aborts QEMU (hw/arm/virt.c virt_get_iommu: "
-    "'code should not be reached', its switch knows only none and smmuv3), seen on 7.2 "
-    "and 11.1: the inspection kills the VM",
-)
 @ON_ARM
 @ARM
 @ORDERS
@@ -528,10 +525,14 @@ def test_arm_virtio_iommu_verdict(
     binary = arm_binary(arm)
     devices = order_arm(viommu_first, ARM_VIRTIO, vfio(tmp_path, "rp1", addr=None))
     vm = running(start_arm(qemu_vm, tmp_path, built, binary, "virt", devices))
-    try:
-        doc = inspect(vm, scenario="virtio-iommu-pci on ARM virt, -S")
-    finally:
-        assert vm.proc.popen is not None and vm.proc.popen.poll() is None, vm.proc.stderr_text()
+    doc = inspect(vm, scenario="virtio-iommu-pci on ARM virt, -S")
+    assert qemu_alive(vm), vm.proc.stderr_text()  # reading must never abort the VM
     assert_verdict(doc, misbound=not viommu_first)
     bare = inspect(vm, cmdline=False, scenario="virtio-iommu-pci on ARM virt, -S, no cmdline")
-    assert_verdict(bare, misbound=not viommu_first)
+    # Without the command line: the vfio device (00.0 behind its root port) and the host
+    # bridge (00.0 on pcie.0) have spaces of the same name, so the sequence cannot decide;
+    # qmpguard must say so rather than guess.
+    dev = device(bare)
+    assert dev["verdict"] == "unverified", dev["order"]
+    assert "ambiguous" in dev["order"]["evidence"][-1]["detail"]
+    assert qemu_alive(vm)

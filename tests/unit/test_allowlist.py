@@ -72,3 +72,10 @@ def test_session_refuses_before_writing(command: str, args: dict[str, Any] | Non
     with pytest.raises(ForbiddenCommand):
         asyncio.run(session.execute(command, args))
     assert session.commands_sent == 0
+
+
+def test_qom_get_that_aborts_arm_virt_is_refused() -> None:
+    """ARM virt's `iommu` getter asserts when a virtio-iommu-pci exists: never read it."""
+    with pytest.raises(ForbiddenCommand):
+        check_command("qom-get", {"path": "/machine", "property": "iommu"})
+    check_command("qom-get", {"path": "/machine/peripheral/vi", "property": "hotplugged"})

@@ -1,0 +1,203 @@
+"""Many generated QEMU scenarios, judged by the DMA log (issue 11): agreement per class.
+
+    .venv/bin/python -m bench.scenarios --runs 200 --qemu all --jobs 2 --seed 1
+    .venv/bin/python -m bench.scenarios --replay bench/results/failures-....json
+
+Generates --runs scenarios from --seed (hypothesis, reproducible), runs each on every
+selected QEMU build of the test matrix with the VFIO emulation, and prints one markdown
+table per QEMU version: for each scenario class, runs, rejected (QEMU refused the
+generated line: the generator's mistake, never agreement), agreement, the disagreement
+classes and the unverified rate. Failing scenarios (argv, scenario model, seed) are
+written to bench/results/ for --replay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, Phase, given, seed, settings
+
+from tests.conftest import QEMU_MATRIX
+from tests.generator.model import QemuBinary, Scenario
+from tests.generator.oracle import CLASSES, evaluate, summary
+from tests.generator.runner import Built
+from tests.generator.strategies import scenarios
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CACHE = Path(tempfile.gettempdir()) / "qmpguard-bench-fakevfio"
+
+
+def generate(n: int, seed_value: int) -> list[Scenario]:
+    """The first n scenarios hypothesis draws from `seed_value` (same seed, same list)."""
+    out: list[Scenario] = []
+
+    @seed(seed_value)
+    @settings(
+        max_examples=n,
+        database=None,
+        phases=[Phase.generate],
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(scenarios())
+    def collect(s: Scenario) -> None:
+        out.append(s)
+
+    collect()
+    return out[:n]
+
+
+def _one(job: tuple[int, dict[str, Any], str, str]) -> tuple[int, str, dict[str, Any]]:
+    index, scn_json, label, qemu_path = job
+    scn = Scenario.from_json(scn_json)
+    built = Built.build(CACHE)
+    work = Path(tempfile.mkdtemp(prefix=f"qg-scn-{label}-{index}-"))
+    try:
+        started = time.monotonic()
+        out = evaluate(scn, QemuBinary.resolve(qemu_path), work, built)
+        rec = summary(out)
+        rec["wall"] = time.monotonic() - started
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    rec["classes"] = scn.classes()
+    rec["scenario"] = scn_json
+    rec["vfio"] = len(rec["devices"])
+    rec["unverified"] = sum(1 for d in rec["devices"] if d["verdict"] == "unverified")
+    return index, label, rec
+
+
+def table(label: str, version: str, recs: list[dict[str, Any]]) -> str:
+    rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in recs:
+        rows["all"].append(r)
+        for c in r["classes"]:
+            rows[c].append(r)
+    head = [
+        "class",
+        "runs",
+        "rejected",
+        "harness",
+        "agreement",
+        *CLASSES,
+        "unverified rate",
+    ]
+    lines = [
+        f"### QEMU {version} ({label})",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for name in ["all", *sorted(k for k in rows if k != "all")]:
+        rs = rows[name]
+        status = Counter(r["status"] for r in rs)
+        judged = status["agree"] + status["disagree"]
+        per_class = Counter(c for r in rs for c in {d["class"] for d in r["disagreements"]})
+        vfio = sum(r["vfio"] for r in rs if r["status"] in ("agree", "disagree"))
+        unv = sum(r["unverified"] for r in rs if r["status"] in ("agree", "disagree"))
+        agreement = f"{status['agree']}/{judged}" + (
+            f" ({100 * status['agree'] / judged:.1f}%)" if judged else ""
+        )
+        cells = [
+            name,
+            str(len(rs)),
+            str(status["rejected"]),
+            str(status["harness-error"]),
+            agreement,
+            *(str(per_class[c]) for c in CLASSES),
+            f"{100 * unv / vfio:.1f}%" if vfio else "-",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def qemu_version(path: str) -> str:
+    import subprocess
+
+    qb = QemuBinary.resolve(path)
+    out = subprocess.run(
+        [qb.path, "--version"], capture_output=True, text=True, check=False
+    ).stdout.split()
+    return out[3] if len(out) > 3 else "?"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.scenarios", description=__doc__)
+    p.add_argument("--runs", type=int, default=50, help="scenarios per QEMU version")
+    p.add_argument("--qemu", default="all", help=f"a label of {list(QEMU_MATRIX)} or 'all'")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--replay", type=Path, help="re-run the scenarios of a results file")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    labels = list(QEMU_MATRIX) if args.qemu == "all" else [args.qemu]
+    unknown = [lb for lb in labels if lb not in QEMU_MATRIX]
+    if unknown:
+        p.error(f"unknown QEMU label(s) {unknown}; known: {list(QEMU_MATRIX)}")
+    if args.replay:
+        data = json.loads(args.replay.read_text())
+        scns = [Scenario.from_json(f["scenario"]) for f in data["failures"]]
+        jobs_scn = [(i, s) for i, s in enumerate(scns)]
+        seed_value = data.get("seed")
+    else:
+        t0 = time.monotonic()
+        jobs_scn = list(enumerate(generate(args.runs, args.seed)))
+        seed_value = args.seed
+        print(
+            f"generated {len(jobs_scn)} scenarios in {time.monotonic() - t0:.1f}s", file=sys.stderr
+        )
+    Built.build(CACHE)
+    jobs = [(i, s.to_json(), label, QEMU_MATRIX[label]) for label in labels for i, s in jobs_scn]
+    results: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    started = time.monotonic()
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for done, (index, label, rec) in enumerate(pool.map(_one, jobs), 1):
+            rec["index"] = index
+            results[label].append(rec)
+            if rec["status"] in ("disagree", "harness-error"):
+                what = [d["class"] for d in rec["disagreements"]] or [rec["detail"][:120]]
+                print(f"[{label} #{index}] {rec['status']}: {what}", file=sys.stderr)
+            if done % 25 == 0:
+                print(f"{done}/{len(jobs)} done", file=sys.stderr)
+    wall = time.monotonic() - started
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for label in labels:
+        recs = sorted(results[label], key=lambda r: r["index"])
+        print()
+        print(table(label, qemu_version(QEMU_MATRIX[label]), recs))
+        secs = [r["wall"] for r in recs]
+        print(
+            f"\n{len(recs)} scenarios, {sum(secs) / max(1, len(secs)):.2f}s each "
+            f"(reference runs included)"
+        )
+        failures = [r for r in recs if r["status"] in ("disagree", "harness-error")]
+        rejected = [r for r in recs if r["status"] == "rejected"]
+        out = args.out / f"failures-{label}-seed{seed_value}-{stamp}.json"
+        out.write_text(
+            json.dumps(
+                {
+                    "qemu": label,
+                    "seed": seed_value,
+                    "runs": len(recs),
+                    "failures": failures,
+                    "rejected": rejected,
+                },
+                indent=1,
+            )
+        )
+        print(f"failing scenarios: {out} ({len(failures)}; rejected {len(rejected)})")
+    print(f"\nwall time {wall:.0f}s with {args.jobs} jobs", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,236 @@
+"""Explicit regression scenarios: one per class of issue 11, each with what QEMU does
+(the DMA log's truth per IOMMU group, asserted so the case stays what it claims) and
+what qmpguard must then say (verdicts, and findings it must not raise)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tests.generator.model import Device, HotOp, Scenario
+from tests.generator.oracle import Truth
+from tests.generator.strategies import PVE_CFG, pve_q35_layout
+
+Check = Callable[[dict[str, Any]], list[str]]
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str  # the regression class
+    scenario: Scenario
+    truth: dict[int, Truth]  # group -> what the DMA log must show
+    verdicts: dict[int, str] = field(default_factory=dict)  # group -> qmpguard's verdict
+    checks: tuple[Check, ...] = ()
+    #: QEMU labels of the test matrix on which qmpguard (committed main) gets it wrong
+    failing_on: tuple[str, ...] = ()
+
+
+INTEL = Device("intel-iommu", "viommu", (("caching-mode", True),))
+INTEL_PVE = Device("intel-iommu", None, (("intremap", "on"), ("caching-mode", True)))
+
+
+def virtio(bus: str = "pcie.0", addr: str = "8.0", dev_id: str | None = "viommu") -> Device:
+    return Device(
+        "virtio-iommu-pci", dev_id, (("boot-bypass", False), ("bus", bus), ("addr", addr))
+    )
+
+
+def vfio(group: int, dev_id: str | None, bus: str, addr: str | None = None, **kw: Any) -> Device:
+    props: list[tuple[str, Any]] = [("bus", bus)]
+    if addr is not None:
+        props.append(("addr", addr))
+    return Device("vfio-pci", dev_id, tuple(props), group=group, **kw)
+
+
+def port(dev_id: str, chassis: int, addr: str) -> Device:
+    return Device(
+        "pcie-root-port", dev_id, (("chassis", chassis), ("bus", "pcie.0"), ("addr", addr))
+    )
+
+
+def no_finding_on_driver(code: str, driver: str) -> Check:
+    """`code` must not be raised on any device of type `driver`."""
+
+    def check(doc: dict[str, Any]) -> list[str]:
+        paths = {d["path"] for d in doc["devices"] if d["type"] == driver}
+        return [
+            f"{code} on {f['device']} ({driver}): {f['message']}"
+            for f in doc["findings"]
+            if f["code"] == code and f["device"] in paths
+        ]
+
+    return check
+
+
+def qg004_names_no_bridge(bridge_ids: tuple[str, ...]) -> Check:
+    """QG004 lists the devices sharing a space: bridges do no DMA and are never among them."""
+
+    def check(doc: dict[str, Any]) -> list[str]:
+        out = []
+        for f in doc["findings"]:
+            if f["code"] != "QG004":
+                continue
+            others = f["message"].split(" with ", 1)[-1]
+            out += [f"QG004 names bridge {b}: {f['message']}" for b in bridge_ids if b in others]
+        return out
+
+    return check
+
+
+def proxmox(viommu_position: str, launcher: str = "kvm-link") -> Scenario:
+    hostpci = [
+        vfio(1, "hostpci0", "ich9-pcie-port-1", "0x0"),
+        vfio(2, "hostpci1", "ich9-pcie-port-2", "0x0"),
+    ]
+    devices = [*pve_q35_layout(), *hostpci]
+    if viommu_position == "pve":  # machine: q35,viommu=intel: before -readconfig
+        devices.insert(0, INTEL_PVE)
+    else:  # args: -device intel-iommu,... appended after every hostpci
+        devices.append(INTEL_PVE)
+    return Scenario(
+        "q35",
+        tuple(devices),
+        monitor="chardev-unix",
+        launcher=launcher,  # type: ignore[arg-type]
+        shape="proxmox",
+        machine_last=True,
+        cfg_name=PVE_CFG,
+        monitor_name="100.qmp",
+    )
+
+
+CASES: list[Case] = [
+    Case(
+        "named conventional pxb on i440fx (misordered)",
+        Scenario(
+            "pc",
+            (
+                Device("pxb", "pxb1", (("bus_nr", 32), ("bus", "pci.0"), ("addr", "9.0"))),
+                vfio(1, "hostdev0", "pxb1", "1.0"),
+                virtio("pci.0"),
+            ),
+        ),
+        truth={1: "all-ram"},
+        verdicts={1: "misbound"},
+    ),
+    Case(
+        "named conventional pxb on i440fx (vIOMMU first)",
+        Scenario(
+            "pc",
+            (
+                virtio("pci.0"),
+                Device("pxb", "pxb1", (("bus_nr", 32), ("bus", "pci.0"), ("addr", "9.0"))),
+                vfio(1, "hostdev0", "pxb1", "1.0"),
+            ),
+        ),
+        truth={1: "translated"},
+        verdicts={1: "ok"},
+    ),
+    Case(
+        "relaxed-JSON -device (single quotes), anonymous devices",
+        Scenario(
+            "q35",
+            (
+                vfio(1, None, "pcie.0", "9.0", syntax="relaxed"),
+                Device("intel-iommu", None, (("caching-mode", True),), "json"),
+                vfio(2, None, "pcie.0", "a.0", syntax="json"),
+            ),
+        ),
+        truth={1: "all-ram", 2: "translated"},
+        verdicts={1: "misbound", 2: "ok"},
+    ),
+    Case(
+        "hot-unplug of an anonymous device",
+        Scenario(
+            "q35",
+            (
+                port("rp1", 1, "8.0"),
+                vfio(1, None, "rp1"),
+                INTEL,
+                vfio(2, None, "pcie.0", "9.0"),
+                vfio(3, None, "pcie.0", "a.0"),
+            ),
+            hotplug=(HotOp("del", 1),),
+        ),
+        truth={2: "translated", 3: "translated"},
+        verdicts={2: "ok", 3: "ok"},
+    ),
+    Case(
+        "unplug + re-plug with the same id",
+        Scenario(
+            "q35",
+            (port("rp1", 1, "8.0"), vfio(1, "hostdev0", "rp1"), INTEL),
+            hotplug=(HotOp("del", 1), HotOp("add", 1, "hostdev0", "rp1")),
+        ),
+        truth={1: "translated"},
+        verdicts={1: "ok"},
+    ),
+    Case(
+        "id with a newline (JSON -device)",
+        Scenario(
+            "q35",
+            (
+                vfio(1, "host\ndev0", "pcie.0", "9.0", syntax="json"),
+                Device("intel-iommu", "viommu", (("caching-mode", True),), "json"),
+                vfio(2, "hostdev1", "pcie.0", "a.0", syntax="json"),
+            ),
+        ),
+        truth={1: "all-ram", 2: "translated"},
+        verdicts={1: "misbound", 2: "ok"},
+    ),
+    Case(
+        "QEMU binary named kvm (a link)",
+        Scenario("q35", (vfio(1, "hostdev0", "pcie.0", "9.0"), INTEL), launcher="kvm-link"),
+        truth={1: "all-ram"},
+        verdicts={1: "misbound"},
+    ),
+    Case(
+        "QEMU through a wrapper script, QMP over -chardev/-mon",
+        Scenario(
+            "q35",
+            (vfio(1, "hostdev0", "pcie.0", "9.0"), INTEL),
+            launcher="wrapper",
+            monitor="chardev-unix",
+        ),
+        truth={1: "all-ram"},
+        verdicts={1: "misbound"},
+    ),
+    Case(
+        "Proxmox VE shape, vIOMMU from the args: line (after every hostpci)",
+        proxmox("args"),
+        truth={1: "all-ram", 2: "all-ram"},
+        verdicts={1: "misbound", 2: "misbound"},
+    ),
+    Case(
+        "Proxmox VE shape, vIOMMU before -readconfig (viommu=intel)",
+        proxmox("pve"),
+        truth={1: "translated", 2: "translated"},
+        verdicts={1: "ok", 2: "ok"},
+    ),
+    Case(
+        "virtio-iommu VM: no QG005 on virtio-iommu-pci itself",
+        Scenario("q35", (virtio(), vfio(1, "hostdev0", "pcie.0", "9.0"))),
+        truth={1: "translated"},
+        verdicts={1: "ok"},
+        checks=(no_finding_on_driver("QG005", "virtio-iommu-pci"),),
+    ),
+    Case(
+        "vfio behind pcie-pci-bridge next to a pci-bridge: QG004 names no bridge",
+        Scenario(
+            "q35",
+            (
+                INTEL,
+                Device("pcie-pci-bridge", "ppb", (("bus", "pcie.0"), ("addr", "5.0"))),
+                Device(
+                    "pci-bridge", "bridge-pb", (("chassis_nr", 1), ("bus", "ppb"), ("addr", "1.0"))
+                ),
+                vfio(1, "hostdev0", "ppb", "2.0"),
+                vfio(2, "hostdev1", "bridge-pb", "3.0"),
+            ),
+        ),
+        truth={1: "translated", 2: "translated"},
+        verdicts={1: "ok", 2: "ok"},
+        checks=(qg004_names_no_bridge(("bridge-pb", "ppb")),),
+    ),
+]

@@ -1,0 +1,185 @@
+"""The DMA log decides; qmpguard's verdict must agree with it.
+
+Per vfio device (truth from the DMA log only):
+  translated  0 bytes mapped: its container follows the vIOMMU
+  all-ram     at least all guest RAM mapped: plain guest memory
+  other       anything else (never expected; reported)
+Then (a) never `ok` for an all-ram device, unless the same VM with the vIOMMU realized
+first (a reference run, only when needed) still maps all RAM for it: then the device is
+not translatable at all (bypass bus, no vIOMMU on its path) and `ok` is right; (b) never
+`misbound` for a translated device; (c) every vfio device is in the report; (d)
+`unverified` only with a stated reason; (e) the inspection never fails on a valid VM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from tests.generator.model import RAM, QemuBinary, Scenario
+from tests.generator.runner import Built, RunResult, VfioPresent, run_scenario
+
+Truth = Literal["translated", "all-ram", "other"]
+CLASSES = (
+    "wrong-ok",
+    "wrong-misbound",
+    "missing",
+    "unverified-without-reason",
+    "inspection-error",
+)
+
+
+def truth_of(mapped: int | None) -> Truth:
+    if mapped == 0:
+        return "translated"
+    if mapped is not None and mapped >= RAM:
+        return "all-ram"
+    return "other"
+
+
+@dataclass(frozen=True)
+class Disagreement:
+    cls: str  # one of CLASSES (or "reference-failed", "audit")
+    device: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class DeviceOutcome:
+    path: str
+    group: int
+    truth: Truth
+    verdict: str | None  # None: not in the report
+    reference: Truth | None = None  # truth in the vIOMMU-first reference run, if run
+
+
+@dataclass
+class Outcome:
+    """One scenario judged: rejected by QEMU, or agreement / disagreements per device."""
+
+    status: Literal["agree", "disagree", "rejected", "harness-error"]
+    detail: str = ""
+    devices: list[DeviceOutcome] = field(default_factory=list)
+    disagreements: list[Disagreement] = field(default_factory=list)
+    run: RunResult | None = None
+    reference_run: RunResult | None = None
+
+    @property
+    def unverified(self) -> int:
+        return sum(1 for d in self.devices if d.verdict == "unverified")
+
+    def classes(self) -> set[str]:
+        return {d.cls for d in self.disagreements}
+
+
+def _report_device(doc: dict[str, Any], dev: VfioPresent) -> dict[str, Any] | None:
+    return next((d for d in doc["devices"] if d["path"] == dev.path), None)
+
+
+def judge(scn: Scenario, run: RunResult, reference: Callable[[Scenario], RunResult]) -> Outcome:
+    """Compare qmpguard's report in `run` with the DMA log; `reference` runs a scenario."""
+    if run.status != "ran":
+        return Outcome(run.status, run.detail, run=run)  # type: ignore[arg-type]
+    out = Outcome("agree", run=run)
+    if run.audit_refused:
+        out.disagreements.append(Disagreement("audit", "", "; ".join(run.audit_refused)))
+    if run.inspection_error is not None or run.doc is None:
+        out.disagreements.append(
+            Disagreement("inspection-error", "", run.inspection_error or "no report")
+        )
+        out.devices = [
+            DeviceOutcome(v.path, v.group, truth_of(run.mapped.get(v.group)), None)
+            for v in run.present
+        ]
+        out.status = "disagree"
+        return out
+    ref_run: RunResult | None = None
+    for v in run.present:
+        truth = truth_of(run.mapped.get(v.group))
+        entry = _report_device(run.doc, v)
+        verdict = entry["verdict"] if entry else None
+        ref_truth: Truth | None = None
+        if entry is None:
+            out.disagreements.append(Disagreement("missing", v.path, f"group {v.group}"))
+        elif verdict == "ok" and truth == "all-ram":
+            if scn.viommu is None:
+                ref_truth = "all-ram"  # no vIOMMU at all: nothing could translate it
+            else:
+                if ref_run is None:
+                    ref_run = reference(scn.with_viommu_first())
+                    out.reference_run = ref_run
+                if ref_run.status != "ran":
+                    out.disagreements.append(
+                        Disagreement(
+                            "reference-failed", v.path, f"{ref_run.status}: {ref_run.detail}"
+                        )
+                    )
+                else:
+                    ref_truth = truth_of(ref_run.mapped.get(v.group))
+                    if ref_truth != "all-ram":
+                        out.disagreements.append(
+                            Disagreement(
+                                "wrong-ok",
+                                v.path,
+                                f"all guest RAM mapped ({run.mapped.get(v.group)} bytes), "
+                                f"{ref_truth} with the vIOMMU first; evidence: "
+                                f"{entry['order']['evidence']}",
+                            )
+                        )
+        elif verdict == "misbound" and truth == "translated":
+            out.disagreements.append(
+                Disagreement(
+                    "wrong-misbound",
+                    v.path,
+                    f"0 bytes mapped; evidence: {entry['order']['evidence']}",
+                )
+            )
+        elif verdict == "unverified" and not any(
+            (e.get("detail") or "").strip() for e in entry["order"]["evidence"]
+        ):
+            out.disagreements.append(
+                Disagreement("unverified-without-reason", v.path, str(entry["order"]))
+            )
+        out.devices.append(DeviceOutcome(v.path, v.group, truth, verdict, ref_truth))
+    if out.disagreements:
+        out.status = "disagree"
+    return out
+
+
+def evaluate(scn: Scenario, qemu: QemuBinary, workdir: Path, built: Built) -> Outcome:
+    """Run `scn` (and, only when needed, its vIOMMU-first reference) and judge it."""
+    run = run_scenario(scn, qemu, workdir / "run", built)
+    return judge(scn, run, lambda ref: run_scenario(ref, qemu, workdir / "reference", built))
+
+
+def summary(out: Outcome) -> dict[str, Any]:
+    """A plain-data record of one judged run (for bench results and failure messages)."""
+    run = out.run
+    return {
+        "status": out.status,
+        "detail": out.detail,
+        "disagreements": [
+            {"class": d.cls, "device": d.device, "detail": d.detail} for d in out.disagreements
+        ],
+        "devices": [
+            {
+                "path": d.path,
+                "group": d.group,
+                "truth": d.truth,
+                "verdict": d.verdict,
+                "reference": d.reference,
+            }
+            for d in out.devices
+        ],
+        "argv": run.argv if run else [],
+        "readconfig": run.readconfig if run else "",
+        "seconds": (run.seconds if run else 0.0)
+        + (out.reference_run.seconds if out.reference_run else 0.0),
+        "findings": [
+            {"code": f["code"], "device": f["device"]} for f in (run.doc or {}).get("findings", [])
+        ]
+        if run and run.doc
+        else [],
+    }
