@@ -5,19 +5,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
+from collections.abc import Callable
 from typing import NoReturn
 
 from qmpguard import __version__
 from qmpguard.daemon import command as daemon_command
+from qmpguard.daemon.settings import CONCURRENCY, TIMEOUT, Bounds, number_problem
 from qmpguard.inspect import TargetResult, analyse_snapshot, inspect_many, snapshot_target
 from qmpguard.logs import configure_logging
 from qmpguard.qmp.libvirt import running_domains
-from qmpguard.qmp.transport import InspectionError, Timeouts
+from qmpguard.qmp.transport import ErrorReason, InspectionError, Timeouts
 from qmpguard.report.document import EXIT_UNKNOWN, exit_code, report_json
 from qmpguard.report.table import render_report
 from qmpguard.report.tree import render_tree
-from qmpguard.snapshot import SnapshotError, load_snapshot, write_json_atomically
+from qmpguard.snapshot import (
+    SnapshotError,
+    UnsupportedSnapshot,
+    load_snapshot,
+    write_json_atomically,
+)
 from qmpguard.targets import TargetError, parse_target
 
 EPILOG = """\
@@ -36,9 +44,25 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors exit 3 (UNKNOWN), not argparse's 2 (which would read as CRITICAL)."""
 
     def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        print(f"qmpguard: error: {message}", file=sys.stderr)
+        print(f"qmpguard: error: {message} (see '{self.prog} --help')", file=sys.stderr)
         raise SystemExit(EXIT_UNKNOWN)
+
+
+def bounded(bounds: Bounds) -> Callable[[str], float | int]:
+    """An argparse type: a finite number within `bounds` (argparse names the option)."""
+
+    def parse(text: str) -> float | int:
+        try:
+            value: float | int = int(text) if bounds.integer else float(text)
+        except ValueError:
+            kind = "an integer" if bounds.integer else "a number"
+            raise argparse.ArgumentTypeError(f"must be {kind}, got {text[:40]!r}") from None
+        problem = number_problem(value, bounds)
+        if problem is not None:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    return parse
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -46,21 +70,21 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     p.add_argument(
         "--greeting-timeout",
-        type=float,
+        type=bounded(TIMEOUT),
         default=2.0,
         metavar="S",
         help="seconds to wait for the QMP greeting (default 2)",
     )
     p.add_argument(
         "--command-timeout",
-        type=float,
+        type=bounded(TIMEOUT),
         default=5.0,
         metavar="S",
         help="seconds to wait for each reply (default 5)",
     )
     p.add_argument(
         "--timeout",
-        type=float,
+        type=bounded(TIMEOUT),
         default=20.0,
         metavar="S",
         help="seconds for one whole target (default 20)",
@@ -100,7 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="table (default), json (qmpguard.report/1), or tree (the PCI "
         "topology with DMA spaces; colour on a TTY unless NO_COLOR is set)",
     )
-    check.add_argument("--concurrency", type=int, default=16, metavar="N")
+    check.add_argument(
+        "--concurrency",
+        type=bounded(CONCURRENCY),
+        default=16,
+        metavar="N",
+        help="targets inspected at once, 1 to 1024 (default 16)",
+    )
     check.add_argument(
         "--libvirt-all", action="store_true", help="also check every running libvirt domain"
     )
@@ -147,9 +177,13 @@ def cmd_check(args: argparse.Namespace) -> int:
         try:
             snap = load_snapshot(path)
         except SnapshotError as exc:
-            results.append(
-                TargetResult(path, None, None, InspectionError("bad-snapshot", str(exc)))
+            print(f"qmpguard: error: {exc}", file=sys.stderr)
+            reason = (
+                ErrorReason.UNSUPPORTED_SNAPSHOT
+                if isinstance(exc, UnsupportedSnapshot)
+                else ErrorReason.BAD_SNAPSHOT
             )
+            results.append(TargetResult(path, None, None, InspectionError(reason, str(exc))))
             continue
         results.append(analyse_snapshot(snap.target, snap))
     if targets:
@@ -157,12 +191,35 @@ def cmd_check(args: argparse.Namespace) -> int:
             inspect_many(targets, args.concurrency, _timeouts(args), args.timeout)
         )
     if args.format == "json":
-        print(json.dumps(report_json(results), indent=2))
+        report = json.dumps(report_json(results), indent=2) + "\n"
     elif args.format == "tree":
-        print(render_tree(results), end="")
+        report = render_tree(results)
     else:
-        print(render_report(results), end="")
-    return exit_code(results)
+        report = render_report(results)
+    verdict = exit_code(results)
+    return verdict if write_stdout(report) else EXIT_UNKNOWN
+
+
+def _stdout_gone() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def write_stdout(text: str) -> bool:
+    """Write the report and flush it. A reader that went away early (`| head`) is no
+    error: True, the verdict stands. False (one line on stderr) if stdout is unwritable."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _stdout_gone()
+    except OSError as exc:
+        _stdout_gone()
+        print(f"qmpguard: error: cannot write the report: {exc.strerror}", file=sys.stderr)
+        return False
+    return True
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
@@ -200,4 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         return handlers[args.command](args)
     except KeyboardInterrupt:
         print("qmpguard: interrupted", file=sys.stderr)
+        return EXIT_UNKNOWN
+    except BrokenPipeError:  # stdout closed early (`qmpguard demo | head`)
+        _stdout_gone()
         return EXIT_UNKNOWN

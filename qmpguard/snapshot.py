@@ -14,11 +14,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qmpguard.files import MIB, InputFileError, read_text_bounded
+
 SCHEMA = "qmpguard.snapshot/1"
+SCHEMA_NAME = "qmpguard.snapshot/"
+#: The recorded test snapshots are 45-70 KiB; replies are capped at 16 MiB each.
+MAX_SNAPSHOT_BYTES = 64 * MIB
 
 
 class SnapshotError(ValueError):
     """A snapshot file that cannot be used (unreadable, corrupted, wrong schema)."""
+
+
+class UnsupportedSnapshot(SnapshotError):
+    """A snapshot written by a newer (or unknown) qmpguard: a schema version this one lacks."""
 
 
 class MissingReply(LookupError):
@@ -109,7 +118,12 @@ def _expect(cond: bool, what: str) -> None:
 def snapshot_from_json(doc: Any) -> Snapshot:
     """Validate and load a snapshot document; SnapshotError with a one-line reason."""
     _expect(isinstance(doc, dict), "top level is not an object")
-    _expect(doc.get("schema") == SCHEMA, f"schema is {doc.get('schema')!r}, expected {SCHEMA!r}")
+    schema = doc.get("schema")
+    if isinstance(schema, str) and schema != SCHEMA and schema.startswith(SCHEMA_NAME):
+        raise UnsupportedSnapshot(
+            f"unsupported snapshot schema version {schema!r}: this qmpguard reads {SCHEMA!r}"
+        )
+    _expect(schema == SCHEMA, f"schema is {schema!r}, expected {SCHEMA!r}")
     for key in ("target", "transport", "collected_at"):
         _expect(isinstance(doc.get(key), str), f"'{key}' is not a string")
     qemu = doc.get("qemu")
@@ -161,17 +175,21 @@ def snapshot_from_json(doc: Any) -> Snapshot:
 
 
 def load_snapshot(path: str | Path) -> Snapshot:
-    """Read a snapshot file; SnapshotError on any problem."""
+    """Read a snapshot file (a regular file of at most 64 MiB); SnapshotError on any problem."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SnapshotError(f"cannot read snapshot {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise SnapshotError(f"snapshot {path} is not UTF-8 text") from None
+        text = read_text_bounded(path, MAX_SNAPSHOT_BYTES, "snapshot")
+    except InputFileError as exc:
+        raise SnapshotError(str(exc)) from None
     try:
         doc = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except RecursionError:
+        raise SnapshotError(f"snapshot {path} is not valid JSON: nested too deeply") from None
+    except json.JSONDecodeError as exc:
         raise SnapshotError(f"snapshot {path} is not valid JSON: {exc}") from None
+    except ValueError as exc:  # an integer past Python's int max str digits (4300)
+        raise SnapshotError(
+            f"snapshot {path} is not usable JSON: {str(exc).split(':')[0]}"
+        ) from None
     return snapshot_from_json(doc)
 
 

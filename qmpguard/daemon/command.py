@@ -103,20 +103,37 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    def reload() -> None:
-        try:
-            new = load_settings(args.config, _overrides(args))
-        except ConfigError as exc:
-            log.error("config_reload_failed", error=str(exc), keeping="previous config")
-            return
-        if new.listen != scheduler.settings.listen:
-            log.warning("config_listen_unchanged", reason="changing 'listen' needs a restart")
-        scheduler.settings = new
-        log.info("config_reloaded", watch=list(new.watch), targets=len(new.targets))
-        scheduler_wakeup.set()
+    reloading = asyncio.Lock()
+    reload_tasks: set[asyncio.Task[None]] = set()
+
+    async def reload() -> None:
+        # The file is read in a thread (bounded, never a FIFO): the event loop keeps serving.
+        async with reloading:
+            try:
+                new = await asyncio.to_thread(load_settings, args.config, _overrides(args))
+            except ConfigError as exc:
+                log.error("config_reload_failed", error=str(exc), keeping="previous config")
+                return
+            except Exception as exc:  # a reload must never take the daemon down
+                log.error(
+                    "config_reload_failed",
+                    error=f"{type(exc).__name__}: {exc}",
+                    keeping="previous config",
+                )
+                return
+            if new.listen != scheduler.settings.listen:
+                log.warning("config_listen_unchanged", reason="changing 'listen' needs a restart")
+            scheduler.settings = new
+            log.info("config_reloaded", watch=list(new.watch), targets=len(new.targets))
+            scheduler_wakeup.set()
+
+    def on_sighup() -> None:
+        task = asyncio.create_task(reload())
+        reload_tasks.add(task)
+        task.add_done_callback(reload_tasks.discard)
 
     scheduler_wakeup = asyncio.Event()
-    loop.add_signal_handler(signal.SIGHUP, reload)
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     if settings.libvirt_uris:
         # Domain started/stopped: rescan at once instead of waiting for the next poll.
         from qmpguard.qmp.libvirt import LifecycleWatcher

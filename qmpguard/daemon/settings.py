@@ -5,16 +5,67 @@ Errors name the key and, when it can be found, its line: `config.toml:7: 'interv
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
+from qmpguard.files import KIB, MIB, InputFileError, read_text_bounded
 from qmpguard.targets import TargetError, parse_target
 
 DEFAULT_WATCH = ("/run/qemu/*.qmp", "/var/run/qemu-server/*.qmp")
 DEFAULT_LISTEN = "127.0.0.1:9464"
+MAX_CONFIG_BYTES = 1 * MIB
+MAX_TOKEN_BYTES = 4 * KIB
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The sane range of one numeric setting (inclusive)."""
+
+    low: float
+    high: float
+    unit: str = " seconds"
+    integer: bool = False
+
+
+#: Intervals: below a second burns a core, above a day is never. Timeouts: below 50 ms
+#: nothing answers, above an hour is a hang. Concurrency: one socket (fd) per inspection.
+INTERVAL = Bounds(1.0, 86400.0)
+TIMEOUT = Bounds(0.05, 3600.0)
+CONCURRENCY = Bounds(1, 1024, unit="", integer=True)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
+
+
+def number_problem(value: Any, bounds: Bounds) -> str | None:
+    """Why `value` is not a valid setting within `bounds` (None if it is)."""
+    kind = "a positive integer" if bounds.integer else "a positive number"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"must be {kind}, got {_show(value)}"
+    if bounds.integer and not isinstance(value, int):
+        return f"must be {kind}, got {_show(value)}"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {_show(value)}"
+    if value <= 0:
+        return f"must be {kind}, got {_show(value)}"
+    if not bounds.low <= value <= bounds.high:
+        return (
+            f"must be between {bounds.low:g} and {bounds.high:g}{bounds.unit}, got {_show(value)}"
+        )
+    return None
+
+
+def check_number(value: Any, key: str, bounds: Bounds) -> Any:
+    """`value` if it is finite and within `bounds`; ValueError naming `key` otherwise."""
+    problem = number_problem(value, bounds)
+    if problem is not None:
+        raise ValueError(f"'{key}' {problem}")
+    return value
 
 
 class ConfigError(ValueError):
@@ -61,12 +112,6 @@ def _line_of(text: str, key: str) -> str:
     return ""
 
 
-def _positive(value: Any, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ValueError(f"'{key}' must be a positive number, got {value!r}")
-    return float(value)
-
-
 def _strings(value: Any, key: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise ValueError(f"'{key}' must be a list of non-empty strings")
@@ -89,6 +134,8 @@ def settings_from_toml(text: str, origin: str = "config") -> Settings:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{origin}: not valid TOML: {exc}") from None
+    except ValueError as exc:  # an integer past Python's int max str digits (4300)
+        raise ConfigError(f"{origin}: not usable TOML: {str(exc).split(':')[0]}") from None
     key = ""
     try:
         out: dict[str, Any] = {}
@@ -119,11 +166,9 @@ def settings_from_toml(text: str, origin: str = "config") -> Settings:
             elif key == "listen":
                 out["listen"] = validate_listen(value)
             elif key in ("interval", "rescan_interval"):
-                out[key] = _positive(value, key)
+                out[key] = float(check_number(value, key, INTERVAL))
             elif key == "concurrency":
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise ValueError(f"'concurrency' must be a positive integer, got {value!r}")
-                out[key] = value
+                out[key] = check_number(value, key, CONCURRENCY)
             elif key == "target":
                 out["targets"] = tuple(_static_target(t) for t in _table_list(value, key))
             elif key == "timeouts":
@@ -170,7 +215,7 @@ def _timeouts(table: Any) -> dict[str, float]:
     for k, v in table.items():
         if k not in names:
             raise ValueError(f"unknown key 'timeouts.{k}'")
-        out[names[k]] = _positive(v, f"timeouts.{k}")
+        out[names[k]] = float(check_number(v, f"timeouts.{k}", TIMEOUT))
     return out
 
 
@@ -185,9 +230,9 @@ def _http(table: Any) -> dict[str, str]:
             raise ValueError(f"'http.{k}' must be a path")
         if k == "token_file":
             try:
-                token = Path(v).read_text().strip()
-            except OSError as exc:
-                raise ValueError(f"'http.token_file': cannot read {v}: {exc.strerror}") from None
+                token = read_text_bounded(v, MAX_TOKEN_BYTES, "token file").strip()
+            except InputFileError as exc:
+                raise ValueError(f"'http.token_file': {exc}") from None
             if len(token) < 16:
                 raise ValueError("'http.token_file': token shorter than 16 characters")
             out["token"] = token
@@ -199,20 +244,26 @@ def _http(table: Any) -> dict[str, str]:
 
 
 def load_settings(path: str | None, overrides: dict[str, Any]) -> Settings:
-    """Settings from the file (if any), then command-line overrides on top."""
+    """Settings from the file (if any), then command-line overrides on top.
+
+    The file is read bounded (a regular file of at most 1 MiB: never a FIFO or a device);
+    blocking file I/O, so the running daemon calls this off its event loop.
+    """
     base = Settings()
     if path is not None:
         try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+            text = read_text_bounded(path, MAX_CONFIG_BYTES, "config")
+        except InputFileError as exc:
+            raise ConfigError(str(exc)) from None
         base = settings_from_toml(text, path)
     clean = {k: v for k, v in overrides.items() if v not in (None, [], ())}
     try:
         if "listen" in clean:
             validate_listen(clean["listen"])
         if "interval" in clean:
-            _positive(clean["interval"], "interval")
+            problem = number_problem(clean["interval"], INTERVAL)
+            if problem is not None:
+                raise ValueError(f"--interval {problem}")
         for t in clean.get("targets", ()):
             parse_target(t.target)
     except (ValueError, TargetError) as exc:
