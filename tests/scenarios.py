@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 Q35_INTEL_TOPOLOGY = [
     "-S",
     "-M",
@@ -55,3 +58,114 @@ I440FX_PCI_BRIDGE = [
     "-device",
     "e1000,id=behinddmi,bus=dmi,addr=3.0",
 ]
+
+
+# ------------------------------------------------------- VMs with emulated vfio-pci
+# Recorded by tests/record_snapshots.py with the VFIO emulation (qmpguard.demo.fakevfio)
+# and specified offline by tests/unit/test_vfio_snapshots.py against the DMA log.
+
+#: Guest RAM of every vfio scenario: a container holding this many bytes maps all of it.
+VFIO_RAM_MIB = 64
+VFIO_MACHINE = [
+    "-M",
+    "q35,kernel-irqchip=split",
+    "-m",
+    str(VFIO_RAM_MIB),
+    "-object",
+    f"memory-backend-memfd,id=mem,size={VFIO_RAM_MIB}M",
+    "-machine",
+    "memory-backend=mem",
+]
+INTEL_VIOMMU = "intel-iommu,id=viommu,caching-mode=on"
+VIRTIO_VIOMMU = "virtio-iommu-pci,id=viommu,boot-bypass=false,bus=pcie.0,addr=2.0"
+
+
+@dataclass(frozen=True)
+class VfioDev:
+    """One emulated vfio-pci device: its id, where it sits, and its own IOMMU group."""
+
+    id: str
+    bus: str
+    addr: str
+    group: int
+
+    @property
+    def host(self) -> str:
+        """The host device name (the sysfs directory's basename)."""
+        return f"0000:{self.group:02x}:00.0"
+
+    def option(self, sysfs_root: Path) -> str:
+        """The -device value, its sysfsdev under `sysfs_root`."""
+        return (
+            f"vfio-pci,id={self.id},sysfsdev={sysfs_root / self.host},"
+            f"bus={self.bus},addr={self.addr},rombar=0"
+        )
+
+
+@dataclass(frozen=True)
+class VfioScenario:
+    """One VM with emulated vfio devices, recorded in one or more states.
+
+    Every VM starts paused (-S). `viommu` "intel": the VT-d guest (-kernel) is then let
+    run and turns translation on; "virtio": virtio-iommu-pci with boot-bypass=false
+    translates from the start, so the paused VM already shows the truth. States:
+    "paused" (snapshot under -S, before any guest code) and "translating" (after the
+    guest enabled translation). `hotplug` devices are added with device_add once the
+    guest translates, before the "translating" snapshot.
+    """
+
+    devices: tuple[str | VfioDev, ...]
+    viommu: str
+    states: tuple[str, ...]
+    hotplug: tuple[VfioDev, ...] = ()
+
+    @property
+    def cold_vfio(self) -> tuple[VfioDev, ...]:
+        return tuple(d for d in self.devices if isinstance(d, VfioDev))
+
+    @property
+    def vfio(self) -> tuple[VfioDev, ...]:
+        return self.cold_vfio + self.hotplug
+
+
+_HOSTDEV0 = VfioDev("hostdev0", "pcie.0", "9.0", 1)
+# Anonymous devices on the vIOMMU's bus below the vfio device's slot: their spaces are
+# created at machine-done, so they place the vfio device's space in the sequence.
+_NICS = ("e1000e,bus=pcie.0,addr=3.0", "e1000e,bus=pcie.0,addr=4.0")
+
+VFIO_SCENARIOS: dict[str, VfioScenario] = {
+    "q35-intel-vfio-first": VfioScenario(
+        (INTEL_VIOMMU, _HOSTDEV0, *_NICS), "intel", ("paused", "translating")
+    ),
+    "q35-intel-vfio-after": VfioScenario(
+        (_HOSTDEV0, INTEL_VIOMMU, *_NICS), "intel", ("paused", "translating")
+    ),
+    "q35-virtio-vfio-first": VfioScenario(
+        (VIRTIO_VIOMMU, _HOSTDEV0, _NICS[0]), "virtio", ("paused",)
+    ),
+    "q35-virtio-vfio-after": VfioScenario(
+        (_HOSTDEV0, VIRTIO_VIOMMU, _NICS[0]), "virtio", ("paused",)
+    ),
+    "q35-intel-vfio-bridge-pair": VfioScenario(
+        (
+            INTEL_VIOMMU,
+            "pcie-pci-bridge,id=ppb,bus=pcie.0,addr=5.0",
+            VfioDev("hostdev0", "ppb", "1.0", 1),
+            VfioDev("hostdev1", "ppb", "2.0", 2),
+        ),
+        "intel",
+        ("paused", "translating"),
+    ),
+    # One device on each side of the vIOMMU: the DMA log tells them apart by IOMMU group.
+    "q35-intel-vfio-mixed": VfioScenario(
+        (_HOSTDEV0, INTEL_VIOMMU, VfioDev("hostdev1", "pcie.0", "a.0", 2), *_NICS),
+        "intel",
+        ("paused", "translating"),
+    ),
+    "q35-intel-vfio-hotplug": VfioScenario(
+        (INTEL_VIOMMU, "pcie-root-port,id=rp1,chassis=1,bus=pcie.0,addr=2.0"),
+        "intel",
+        ("translating",),
+        hotplug=(VfioDev("hot0", "rp1", "0.0", 5),),
+    ),
+}

@@ -117,6 +117,7 @@ def order_context(
     bindings: dict[str, ExpectedBinding],
     mtree: list[AddressSpaceEntry] | None,
 ) -> OrderContext:
+    """The order inputs a live snapshot gives: its QEMU's command line, matched to QOM."""
     cli = parse_cmdline(snap.cmdline, snap.files) if snap.cmdline else None
     missing = snap.cmdline_error or ("not a local socket" if snap.pid is None else "unreadable")
     return OrderContext(

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 _BUS = re.compile(r"( *)bus: (.*)")
 _TYPE = re.compile(r" *type (.*)")
@@ -72,14 +74,14 @@ def type_facts(root: QtreeBus) -> TypeFacts:
 _PROP = re.compile(r" *([A-Za-z0-9_-]+) = (.*)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class QtreeDevice:
-    """A device as `info qtree` prints it."""
+    """A device as `info qtree` prints it (immutable: parsed trees are shared by a cache)."""
 
     type: str
     id: str
-    props: dict[str, str] = field(default_factory=dict)
-    buses: list[QtreeBus] = field(default_factory=list)
+    props: Mapping[str, str]
+    buses: tuple[QtreeBus, ...]
 
     @property
     def devfn(self) -> int | None:
@@ -97,13 +99,46 @@ class QtreeDevice:
         return None
 
 
-@dataclass
+@dataclass(frozen=True)
 class QtreeBus:
     """A bus; `devices` in creation order (qtree prints the newest first)."""
 
     name: str
+    type: str
+    devices: tuple[QtreeDevice, ...]
+
+
+@dataclass
+class _Dev:
+    """A device while parsing."""
+
+    type: str
+    id: str
+    props: dict[str, str] = field(default_factory=dict)
+    buses: list[_Bus] = field(default_factory=list)
+
+
+@dataclass
+class _Bus:
+    """A bus while parsing; devices as printed (newest first)."""
+
+    name: str
     type: str = ""
-    devices: list[QtreeDevice] = field(default_factory=list)
+    devices: list[_Dev] = field(default_factory=list)
+
+
+def _freeze(bus: _Bus, names: dict[str, str]) -> QtreeBus:
+    """The immutable tree, creation order, placeholder ids restored (see parse_device_tree)."""
+    devices = tuple(
+        QtreeDevice(
+            d.type,
+            names.get(d.id, d.id),
+            MappingProxyType(d.props),
+            tuple(_freeze(b, names) for b in d.buses),
+        )
+        for d in reversed(bus.devices)
+    )
+    return QtreeBus(names.get(bus.name, bus.name), bus.type, devices)
 
 
 def parse_device_tree(text: object, ids: frozenset[str] = frozenset()) -> QtreeBus | None:
@@ -113,7 +148,7 @@ def parse_device_tree(text: object, ids: frozenset[str] = frozenset()) -> QtreeB
     bus names derived from them raw: an id holding a newline or a quote (JSON -device
     accepts both) would break the line structure, so such ids are swapped for
     placeholders before parsing and restored after. Parsed once per distinct input (the
-    collector and the analysis both ask); treat the result as read-only.
+    collector and the analysis both ask): the tree is immutable, so sharing it is safe.
     """
     if not isinstance(text, str) or not text.startswith("bus: main-system-bus"):
         return None
@@ -128,14 +163,6 @@ def _placeholder(n: int) -> str:
     return f"\x00id{n}\x00"
 
 
-def _restore(bus: QtreeBus, names: dict[str, str]) -> None:
-    bus.name = names.get(bus.name, bus.name)
-    for dev in bus.devices:
-        dev.id = names.get(dev.id, dev.id)
-        for child in dev.buses:
-            _restore(child, names)
-
-
 @functools.lru_cache(maxsize=16)
 def _parse_cached(text: str, unsafe_ids: tuple[str, ...]) -> QtreeBus | None:
     names = {}
@@ -146,35 +173,33 @@ def _parse_cached(text: str, unsafe_ids: tuple[str, ...]) -> QtreeBus | None:
         text = text.replace(f'id "{shown}"{eol}', f'id "{_placeholder(n)}"{eol}')
         text = text.replace(f"bus: {shown}{eol}", f"bus: {_placeholder(n)}{eol}")
     root = _parse_lines(text)
-    if root is not None:
-        _restore(root, names)
-    return root
+    return _freeze(root, names) if root is not None else None
 
 
-def _parse_lines(text: str) -> QtreeBus | None:
-    root: QtreeBus | None = None
-    stack: list[tuple[int, QtreeBus | QtreeDevice]] = []
+def _parse_lines(text: str) -> _Bus | None:
+    root: _Bus | None = None
+    stack: list[tuple[int, _Bus | _Dev]] = []
     for line in text.splitlines():
         if m := _BUS.fullmatch(line):
             depth = len(m.group(1))
-            bus = QtreeBus(m.group(2))
+            bus = _Bus(m.group(2))
             while stack and stack[-1][0] >= depth:
                 stack.pop()
-            if stack and isinstance(stack[-1][1], QtreeDevice):
+            if stack and isinstance(stack[-1][1], _Dev):
                 stack[-1][1].buses.append(bus)
             elif root is None:
                 root = bus
             stack.append((depth, bus))
         elif (m := _DEV.fullmatch(line)) is not None:
             depth = len(m.group(1))
-            dev = QtreeDevice(m.group(2), m.group(3))
+            dev = _Dev(m.group(2), m.group(3))
             while stack and stack[-1][0] >= depth:
                 stack.pop()
-            if stack and isinstance(stack[-1][1], QtreeBus):
-                stack[-1][1].devices.insert(0, dev)  # printed newest first
+            if stack and isinstance(stack[-1][1], _Bus):
+                stack[-1][1].devices.append(dev)  # printed newest first: reversed in _freeze
             stack.append((depth, dev))
-        elif stack and (m := _TYPE.fullmatch(line)) and isinstance(stack[-1][1], QtreeBus):
+        elif stack and (m := _TYPE.fullmatch(line)) and isinstance(stack[-1][1], _Bus):
             stack[-1][1].type = m.group(1)
-        elif stack and isinstance(stack[-1][1], QtreeDevice) and (p := _PROP.fullmatch(line)):
+        elif stack and isinstance(stack[-1][1], _Dev) and (p := _PROP.fullmatch(line)):
             stack[-1][1].props[p.group(1)] = p.group(2).strip('"')
     return root

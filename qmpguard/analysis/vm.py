@@ -8,7 +8,7 @@ from qmpguard.analysis.binding import ExpectedBinding, expected_binding
 from qmpguard.analysis.findings import RULES, Finding
 from qmpguard.analysis.model import NO_ORDER, BindingKind, OrderEvidence, Relative, Verdict
 from qmpguard.analysis.mtree import parse_mtree_f
-from qmpguard.analysis.order import order_context, order_of
+from qmpguard.analysis.order import OrderContext, order_context, order_of
 from qmpguard.analysis.reads import placed_topology
 from qmpguard.analysis.topology import PciDevice, Topology
 from qmpguard.analysis.viommu import VIommu, find_viommus
@@ -28,14 +28,39 @@ class DeviceAnalysis:
 
 
 @dataclass(frozen=True)
+class VmFacts:
+    """What is known about one VM before any verdict, from a live snapshot or from a
+    command line (preflight): the same rules judge both."""
+
+    origin: str  # for evidence: "QEMU 10.0.2 (qmp-unix)", "command line (no QEMU)"
+    qemu_version: str | None
+    topology: Topology
+    viommus: list[VIommu]
+    bindings: dict[str, ExpectedBinding]
+    order: OrderContext
+    bdfs: dict[str, str]
+
+
+@dataclass(frozen=True)
 class VmAnalysis:
     """Everything qmpguard concludes about one VM."""
 
-    snapshot: Snapshot
-    topology: Topology
-    viommus: list[VIommu]
+    facts: VmFacts
+    snapshot: Snapshot | None
     devices: list[DeviceAnalysis]
     findings: list[Finding]
+
+    @property
+    def topology(self) -> Topology:
+        return self.facts.topology
+
+    @property
+    def viommus(self) -> list[VIommu]:
+        return self.facts.viommus
+
+    @property
+    def qemu_version(self) -> str | None:
+        return self.facts.qemu_version
 
 
 _BY_ORDER = {
@@ -96,23 +121,39 @@ def guest_bdfs(snap: Snapshot, topo: Topology) -> dict[str, str]:
     return out
 
 
-def analyze(snap: Snapshot) -> VmAnalysis:
-    """Pure: a Snapshot in, every verdict and finding out."""
+def snapshot_facts(snap: Snapshot) -> VmFacts:
+    """The facts of a live VM's snapshot (ReplyShapeError if a reply has the wrong shape)."""
     topo = placed_topology(snap)
     viommus = find_viommus(snap, topo)
     bindings = {p: expected_binding(topo, viommus, d) for p, d in topo.devices.items()}
     mtree = parse_mtree_f(snap.get_or("", "human-monitor-command", **{"command-line": HMP_MTREE}))
-    ctx = order_context(snap, topo, bindings, mtree)
-    bdfs = guest_bdfs(snap, topo)
+    return VmFacts(
+        origin=f"QEMU {snap.qemu_version or 'version unknown'} ({snap.transport})",
+        qemu_version=snap.qemu_version,
+        topology=topo,
+        viommus=viommus,
+        bindings=bindings,
+        order=order_context(snap, topo, bindings, mtree),
+        bdfs=guest_bdfs(snap, topo),
+    )
+
+
+def judge(facts: VmFacts, snap: Snapshot | None = None) -> VmAnalysis:
+    """Pure: every verdict and finding from the facts, wherever they came from."""
     devices = []
-    for path, dev in topo.devices.items():
-        binding = bindings[path]
-        order = order_of(ctx, dev) if binding.kind is BindingKind.VIOMMU else NO_ORDER
-        devices.append(
-            DeviceAnalysis(dev, binding, order, _verdict(dev, binding, order), bdfs.get(path))
-        )
+    for path, dev in facts.topology.devices.items():
+        binding = facts.bindings[path]
+        order = order_of(facts.order, dev) if binding.kind is BindingKind.VIOMMU else NO_ORDER
+        verdict = _verdict(dev, binding, order)
+        devices.append(DeviceAnalysis(dev, binding, order, verdict, facts.bdfs.get(path)))
     devices.sort(key=lambda d: (d.device.bus, d.device.devfn))
-    vm = VmAnalysis(snap, topo, viommus, devices, [])
-    version = f"QEMU {snap.qemu_version or 'version unknown'} ({snap.transport})"
-    findings = [replace(f, evidence=(*f.evidence, version)) for rule in RULES for f in rule(vm)]
-    return VmAnalysis(snap, topo, viommus, devices, findings)
+    vm = VmAnalysis(facts, snap, devices, [])
+    findings = [
+        replace(f, evidence=(*f.evidence, facts.origin)) for rule in RULES for f in rule(vm)
+    ]
+    return replace(vm, findings=findings)
+
+
+def analyze(snap: Snapshot) -> VmAnalysis:
+    """Pure: a Snapshot in, every verdict and finding out."""
+    return judge(snapshot_facts(snap), snap)

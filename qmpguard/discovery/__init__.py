@@ -12,6 +12,6 @@ Layout: `model` (typed records), `monitors` and `classify` (pure), `procfs` and 
 """
 
 from qmpguard.discovery.model import DiscoveredVM, Route, Unavailable
-from qmpguard.discovery.scan import discover
+from qmpguard.discovery.scan import SOURCES, ProcessTargets, discover
 
-__all__ = ["DiscoveredVM", "Route", "Unavailable", "discover"]
+__all__ = ["SOURCES", "DiscoveredVM", "ProcessTargets", "Route", "Unavailable", "discover"]

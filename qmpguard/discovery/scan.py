@@ -5,10 +5,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Collection
 
+import structlog
+
 from qmpguard.discovery.classify import classify, monitor_addresses
 from qmpguard.discovery.model import DiscoveredVM, ProbeResult, ProcessFacts
 from qmpguard.discovery.probe import PROBE_TIMEOUT_S, probe
 from qmpguard.discovery.procfs import qemu_processes, read_facts
+from qmpguard.targets import Target, parse_target
+
+log = structlog.get_logger("qmpguard.discovery")
 
 
 def read_all(only: Collection[int] | None = None) -> list[ProcessFacts]:
@@ -36,3 +41,36 @@ async def discover(
         results = await asyncio.gather(*(probe(a, timeout) for a in addresses))
         probes = dict(zip(addresses, results, strict=True))
     return [classify(f, probes) for f in facts]
+
+
+#: Discovery sources the daemon's `discover` setting accepts.
+SOURCES = frozenset({"proc"})
+
+
+class ProcessTargets:
+    """The daemon's process discovery: targets of every inspectable QEMU, from /proc
+    alone (no probe on each rescan); a QEMU that cannot be inspected is logged once per
+    process and reason, not every rescan."""
+
+    def __init__(self) -> None:
+        self._said: set[tuple[int, str]] = set()
+
+    async def __call__(self) -> list[Target]:
+        vms = await discover(probe_monitors=False)
+        targets, said = [], set()
+        for vm in vms:
+            if vm.target is not None:
+                targets.append(parse_target(vm.target))
+                continue
+            key = (vm.pid, str(vm.unavailable))
+            said.add(key)
+            if key not in self._said:
+                log.info(
+                    "qemu_not_inspectable",
+                    pid=vm.pid,
+                    name=vm.name,
+                    reason=str(vm.unavailable),
+                    message=vm.message,
+                )
+        self._said = said
+        return targets

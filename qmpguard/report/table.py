@@ -35,7 +35,7 @@ def render_target(result: TargetResult) -> str:
     if a is None:
         lines.append(f"== {target}: NOT INSPECTED")
     else:
-        version = a.snapshot.qemu_version or "?"
+        version = a.qemu_version or "?"
         vi = printable(", ".join(f"{v.label} ({v.type})" for v in a.viommus) or "none")
         lines.append(f"== {target}  QEMU {version}  vIOMMU: {vi}")
         rows = [["DEVICE", "TYPE", "BUS", "DEVFN", "BDF", "EXPECTED DMA SPACE", "ORDER", "VERDICT"]]

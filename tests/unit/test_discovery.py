@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shlex
 from pathlib import Path
@@ -331,3 +332,29 @@ def test_renderers_print_every_process() -> None:
     table = render_table([vm])
     assert "\x1b" not in table and "42" in table
     assert render_table([]) == "no QEMU processes found\n"
+
+
+def test_daemon_gets_targets_and_hears_of_the_rest_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from qmpguard.discovery import scan
+
+    free = classify(
+        facts("qemu -qmp unix:/run/a.qmp,server=on", visible={"/run/a.qmp": sock("/run/a.qmp")}),
+        {},
+    )
+    busy = classify(facts("qemu -monitor stdio"), {})
+    calls: list[bool] = []
+
+    async def fake_discover(*, probe_monitors: bool = True, **_: object) -> list[object]:
+        calls.append(probe_monitors)
+        return [free, busy]
+
+    said: list[dict[str, object]] = []
+    monkeypatch.setattr(scan, "discover", fake_discover)
+    monkeypatch.setattr(scan.log, "info", lambda event, **kw: said.append({"event": event, **kw}))
+    targets = scan.ProcessTargets()
+    for _ in range(3):
+        assert [t.name for t in asyncio.run(targets())] == ["unix:/run/a.qmp"]
+    assert calls == [False, False, False]  # no probe on a rescan
+    assert [(s["event"], s["reason"]) for s in said] == [("qemu_not_inspectable", "no-qmp-monitor")]
