@@ -13,6 +13,7 @@ from typing import NoReturn
 from qmpguard import __version__
 from qmpguard.daemon import command as daemon_command
 from qmpguard.daemon.settings import CONCURRENCY, TIMEOUT, Bounds, number_problem
+from qmpguard.discovery import command as discover_command
 from qmpguard.inspect import TargetResult, analyse_snapshot, inspect_many, snapshot_target
 from qmpguard.logs import configure_logging
 from qmpguard.qmp.libvirt import running_domains
@@ -148,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(snap)
 
     daemon_command.add_parser(sub)
+    discover_command.add_parser(sub, bounded(TIMEOUT))
 
     demo = sub.add_parser("demo", help="start demo VMs with emulated vfio-pci and check them")
     demo.add_argument("--format", choices=["table", "json"], default="table")
@@ -241,6 +243,10 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_discover(args: argparse.Namespace) -> int:
+    return 0 if write_stdout(discover_command.run(args)) else EXIT_UNKNOWN
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from qmpguard.demo.run import run_demo
 
@@ -252,7 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "daemon":
         return daemon_command.run(args)
     configure_logging(args.log_format, args.verbose)
-    handlers = {"check": cmd_check, "snapshot": cmd_snapshot, "demo": cmd_demo}
+    handlers = {
+        "check": cmd_check,
+        "snapshot": cmd_snapshot,
+        "demo": cmd_demo,
+        "discover": cmd_discover,
+    }
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import select
 import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -177,3 +179,27 @@ def test_busy_monitor_is_reported_not_taken(qemu_vm: VmFactory) -> None:
         assert (free.route, free.target) == (Route.MONITOR, f"unix:{vm.qmp_path}")
 
     asyncio.run(scenario())
+
+
+@needs_namespaces
+def test_discover_command_lists_it_in_json_and_as_a_table() -> None:
+    with namespaced_qemu("cli-vm") as q:
+        here = f"unix:/proc/{q.pid}/root{q.socket}"
+        run = [sys.executable, "-m", "qmpguard", "discover", "--pid", str(q.pid)]
+        proc = subprocess.run(
+            [*run, "--format", "json"], capture_output=True, text=True, timeout=60
+        )
+        assert proc.returncode == 0, proc.stderr
+        doc = json.loads(proc.stdout)
+        assert doc["schema"] == "qmpguard.discover/1"
+        (vm,) = doc["processes"]
+        assert (vm["pid"], vm["name"], vm["route"], vm["target"]) == (
+            q.pid,
+            "cli-vm",
+            "monitor",
+            here,
+        )
+        assert vm["monitors"][0]["state"] == "free" and vm["mount_namespace"] == "other"
+        proc = subprocess.run([*run, "--no-probe"], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert here in proc.stdout and "[listening]" in proc.stdout
