@@ -11,6 +11,7 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from qmpguard.discovery.scan import SOURCES as DISCOVERY_SOURCES
 from qmpguard.files import KIB, MIB, InputFileError, read_text_bounded
 from qmpguard.targets import TargetError, parse_target
 
@@ -87,6 +88,7 @@ class Settings:
     watch: tuple[str, ...] = DEFAULT_WATCH
     targets: tuple[StaticTarget, ...] = ()
     libvirt_uris: tuple[str, ...] = ()
+    discover: tuple[str, ...] = ()  # "proc": QEMU processes found in /proc
     hold_watched: bool = False
     listen: str = DEFAULT_LISTEN
     interval: float = 60.0
@@ -143,6 +145,7 @@ def settings_from_toml(text: str, origin: str = "config") -> Settings:
             "watch",
             "target",
             "libvirt_uris",
+            "discover",
             "hold_watched",
             "listen",
             "interval",
@@ -159,6 +162,11 @@ def settings_from_toml(text: str, origin: str = "config") -> Settings:
                 out["watch"] = _strings(value, key)
             elif key == "libvirt_uris":
                 out["libvirt_uris"] = _strings(value, key)
+            elif key == "discover":
+                out["discover"] = _strings(value, key)
+                unknown = sorted(set(out["discover"]) - DISCOVERY_SOURCES)
+                if unknown:
+                    raise ValueError(f"'discover' takes {sorted(DISCOVERY_SOURCES)}, not {unknown}")
             elif key == "hold_watched":
                 if not isinstance(value, bool):
                     raise ValueError("'hold_watched' must be true or false")

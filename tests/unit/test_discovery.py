@@ -358,3 +358,14 @@ def test_daemon_gets_targets_and_hears_of_the_rest_once(
         assert [t.name for t in asyncio.run(targets())] == ["unix:/run/a.qmp"]
     assert calls == [False, False, False]  # no probe on a rescan
     assert [(s["event"], s["reason"]) for s in said] == [("qemu_not_inspectable", "no-qmp-monitor")]
+
+
+def test_daemon_setting_discover() -> None:
+    from qmpguard.daemon.settings import ConfigError, Settings, settings_from_toml
+
+    assert Settings().discover == ()
+    assert settings_from_toml('discover = ["proc"]').discover == ("proc",)
+    with pytest.raises(ConfigError, match=r"config:2: 'discover' takes \['proc'\], not \['ps'\]"):
+        settings_from_toml('watch = []\ndiscover = ["ps"]')
+    with pytest.raises(ConfigError, match="'discover' must be a list"):
+        settings_from_toml('discover = "proc"')
