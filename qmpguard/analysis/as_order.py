@@ -54,14 +54,14 @@ def observed_sequence(entries: list[AddressSpaceEntry], naming: SpaceNaming) -> 
     """
     spaces, seen = [], set()
     for e in entries:
-        parsed = naming.parse(e.root)
+        parsed = naming.parse(naming.subject(e.name, e.root))
         if parsed is None:
             continue
         devfn, counter = parsed
         if counter is None:
             spaces.append(IommuSpace(e.flatview, e.position, devfn))
-        elif e.root not in seen:
-            seen.add(e.root)
+        elif (key := naming.subject(e.name, e.root)) not in seen:
+            seen.add(key)
             spaces.append(IommuSpace(0, counter, devfn))
     counter_ranked = naming.counter_group is not None
     if counter_ranked:

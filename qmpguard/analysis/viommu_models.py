@@ -5,7 +5,8 @@ Names checked on QEMU 7.2, 10.0 and 11.1 (docs/design.md, "Address-space order")
 intel-iommu `vtd-SS.F` (devfn only; the IOAPIC's space `vtd-00.0` is created in the
 vIOMMU's own realize), virtio-iommu `virtio-iommu-memory-region-<counter>-<devfn>` (a
 global counter: a creation order on its own), amd-iommu `amd_iommu_devfn_<devfn>`
-(IOAPIC space 160 created in realize), ARM SMMUv3 `smmuv3-iommu-memory-region-<devfn>-<n>`.
+(IOAPIC space 160 created in realize; the AS name, not the root, carries it), ARM SMMUv3
+`smmuv3-iommu-memory-region-<devfn>-<n>` (AS name).
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ class SpaceNaming:
     #: The order rule (vfio spaces created in realize, the rest at machine-done) was
     #: checked on a real QEMU for this model; only then does the sequence count as evidence.
     order_checked: bool
+    #: Which part of an ` AS "name", root: region` line carries the requester.
+    in_root: bool = True
+
+    def subject(self, name: str, root: str) -> str:
+        return root if self.in_root else name
 
     def parse(self, root: str) -> tuple[int, int | None] | None:
         """(devfn, counter) of a root region name, None if it is not this model's."""
@@ -82,7 +88,14 @@ MODELS: dict[str, ViommuModel] = {
     "amd": ViommuModel(
         "amd",
         SpaceNaming(
-            re.compile(r"amd_iommu_devfn_(\d+)"), 1, 10, None, 160, "amd_iommu_devfn_{devfn}", False
+            re.compile(r"amd_iommu_devfn_(\d+)"),
+            1,
+            10,
+            None,
+            160,
+            "amd_iommu_devfn_{devfn}",
+            True,  # 11.1 and 10.0: vfio's space right after the IOMMU's own (160) or in the batch
+            in_root=False,
         ),
         True,
         "",
@@ -97,6 +110,7 @@ MODELS: dict[str, ViommuModel] = {
             None,
             "smmuv3-iommu-memory-region-{devfn}-…",
             False,
+            in_root=False,
         ),
         False,
         "QEMU's emulated SMMUv3 refuses vfio-pci in the right order (no MAP notifier), so "

@@ -323,14 +323,6 @@ def test_amd_dma_remap_paused_sequence(
     assert_verdict(inspect(vm, scenario="amd-iommu dma-remap, -S"), misbound=not viommu_first)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="qmpguard takes no order evidence from amd-iommu's address spaces: the "
-    "`amd_iommu_devfn_<n>` naming is known but not checked as an order source "
-    "(viommu_models 'amd' order_checked=False), so without the command line the verdict "
-    "is unverified although 11.1 under -S shows 160, 72, 0, 8, 24, 248, 250, 251 "
-    "(correct) vs 160, 0, 8, 24, 72, 248, 250, 251 (misordered) in one flat view",
-)
 @ORDERS
 def test_amd_dma_remap_paused_verdict_without_cmdline(
     qemu_vm: VmFactory, tmp_path: Path, built: Built, x86: tuple[int, int], viommu_first: bool

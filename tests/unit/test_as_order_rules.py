@@ -24,7 +24,7 @@ from qmpguard.analysis.model import BindingKind, Relative
 from qmpguard.analysis.mtree import AddressSpaceEntry
 from qmpguard.analysis.topology import PciBus, PciDevice, Topology
 from qmpguard.analysis.viommu import VIommu
-from qmpguard.analysis.viommu_models import SpaceNaming, model
+from qmpguard.analysis.viommu_models import MODELS, SpaceNaming, model
 
 BEFORE, AFTER = Relative.BEFORE, Relative.AFTER
 
@@ -569,7 +569,7 @@ def test_as_order_evidence_without_mtree_says_so() -> None:
     assert (found.conclusion, "info mtree -f not available" in found.detail) == (None, True)
 
 
-@pytest.mark.parametrize("kind", ["amd", "smmuv3", "riscv"])
+@pytest.mark.parametrize("kind", ["smmuv3", "riscv"])
 def test_as_order_evidence_only_for_checked_models(kind: str) -> None:
     viommu = VIommu("/machine/peripheral/viommu", f"{kind}-iommu", kind, ROOT, False)
     topo = topology()
@@ -577,3 +577,15 @@ def test_as_order_evidence_only_for_checked_models(kind: str) -> None:
     binding = {HOSTDEV.path: ExpectedBinding(BindingKind.VIOMMU, viommu, Requester(ROOT, df(9)))}
     found = as_order_evidence(topo, binding, entries((0, "memory")), HOSTDEV, viommu)
     assert (found.conclusion, "not established" in found.detail) == (None, True)
+
+
+def test_amd_spaces_are_read_from_the_as_name() -> None:
+    """amd-iommu prints `AS "amd_iommu_devfn_72", root: amdvi_root` (11.1): the name
+    carries the requester, the root does not; the IOMMU's own space 160 comes first."""
+    naming = MODELS["amd"].naming
+    assert naming is not None and naming.order_checked and naming.own_space_devfn == 160
+    rows = [
+        AddressSpaceEntry(3, i, f"amd_iommu_devfn_{d}", "amdvi_root")
+        for i, d in enumerate((160, 72, 0, 8))
+    ]
+    assert [s.devfn for s in observed_sequence(rows, naming).spaces] == [160, 72, 0, 8]
