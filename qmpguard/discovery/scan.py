@@ -54,9 +54,16 @@ class ProcessTargets:
 
     def __init__(self) -> None:
         self._said: set[tuple[int, str]] = set()
+        self._last: list[Target] = []
 
     async def __call__(self) -> list[Target]:
-        vms = await discover(probe_monitors=False)
+        """Targets now; if /proc cannot be listed (no fd left), the last ones, so that a
+        failed listing does not drop every VM."""
+        try:
+            vms = await discover(probe_monitors=False)
+        except OSError as exc:
+            log.warning("process_discovery_failed", error=exc.strerror or str(exc))
+            return list(self._last)
         targets, said = [], set()
         for vm in vms:
             if vm.target is not None:
@@ -72,5 +79,5 @@ class ProcessTargets:
                     reason=str(vm.unavailable),
                     message=vm.message,
                 )
-        self._said = said
+        self._said, self._last = said, targets
         return targets

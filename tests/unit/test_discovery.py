@@ -353,11 +353,21 @@ def test_daemon_gets_targets_and_hears_of_the_rest_once(
     said: list[dict[str, object]] = []
     monkeypatch.setattr(scan, "discover", fake_discover)
     monkeypatch.setattr(scan.log, "info", lambda event, **kw: said.append({"event": event, **kw}))
+    monkeypatch.setattr(
+        scan.log, "warning", lambda event, **kw: said.append({"event": event, **kw})
+    )
     targets = scan.ProcessTargets()
     for _ in range(3):
         assert [t.name for t in asyncio.run(targets())] == ["unix:/run/a.qmp"]
     assert calls == [False, False, False]  # no probe on a rescan
     assert [(s["event"], s["reason"]) for s in said] == [("qemu_not_inspectable", "no-qmp-monitor")]
+
+    async def no_fds(**_: object) -> list[object]:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(scan, "discover", no_fds)
+    assert [t.name for t in asyncio.run(targets())] == ["unix:/run/a.qmp"]  # kept
+    assert said[-1]["event"] == "process_discovery_failed"
 
 
 def test_daemon_setting_discover() -> None:
