@@ -89,19 +89,28 @@ def qg002_unverified(vm: VmAnalysis) -> Iterator[Finding]:
 
 
 def qg003_bypass(vm: VmAnalysis) -> Iterator[Finding]:
-    """vfio device on a bus that bypasses the vIOMMU while a vIOMMU exists."""
+    """vfio device whose DMA the vIOMMU never translates: a bypass bus, or a vIOMMU that
+    keeps vfio devices in pass-through."""
     if not vm.viommus:
         return
     for dev in vm.devices:
-        if dev.device.vfio and dev.binding.memory_reason is MemoryReason.BYPASS:
-            yield Finding(
-                "QG003",
-                Severity.WARNING,
-                dev.device.path,
-                f"{dev.device.label} sits on a bus that bypasses the vIOMMU: the guest cannot "
-                "isolate its DMA",
-                (dev.binding.reason,),
-            )
+        if not dev.device.vfio or dev.verdict is Verdict.MISBOUND:
+            continue  # QG001 already says more
+        v = dev.binding.viommu
+        if dev.binding.memory_reason is MemoryReason.BYPASS:
+            where, why = "sits on a bus that bypasses the vIOMMU", dev.binding.reason
+        elif v is not None and v.passthrough is not None:
+            where, why = f"is kept in pass-through by {v.label}", v.passthrough
+        else:
+            continue
+        yield Finding(
+            "QG003",
+            Severity.WARNING,
+            dev.device.path,
+            f"{dev.device.label} {where}: the guest cannot isolate its DMA "
+            "(all guest RAM stays mapped for it)",
+            (why,),
+        )
 
 
 def qg004_shared_space(vm: VmAnalysis) -> Iterator[Finding]:

@@ -49,6 +49,7 @@ class EvidenceSource(StrEnum):
     CMDLINE = "cmdline"
     BUS_ORDER = "bus-order"
     IOMMU_AS_ORDER = "iommu-as-order"
+    REFUSED_ORDER = "refused-order"  # QEMU refuses the correct order: a running one is not
 
 
 class BindingKind(StrEnum):

@@ -153,6 +153,10 @@ def order_of(ctx: OrderContext, dev: PciDevice) -> OrderEvidence:
                 f"{viommu.type} is created with the machine, before any device",
             )
         )
+    if dev.vfio and viommu.refuses_vfio_after is not None:
+        evidence.append(
+            Evidence(EvidenceSource.REFUSED_ORDER, Relative.BEFORE, viommu.refuses_vfio_after)
+        )
     evidence.append(_cmdline_evidence(ctx, dev, viommu))
     bus_order = _bus_order_evidence(ctx, dev, viommu)
     if bus_order:

@@ -7,6 +7,12 @@ from dataclasses import dataclass
 from qmpguard import qemu_types as T
 from qmpguard.analysis.shape import qom_get, qom_list
 from qmpguard.analysis.topology import Topology, is_builtin
+from qmpguard.analysis.viommu_models import (
+    PROPERTIES,
+    Version,
+    passthrough,
+    refuses_vfio_after,
+)
 from qmpguard.qemu_types import child_type
 from qmpguard.snapshot import Snapshot
 
@@ -20,6 +26,10 @@ class VIommu:
     kind: str  # intel | amd | virtio | smmuv3 | riscv
     covers: str | None  # root bus path it translates, None if unknown
     machine_created: bool  # created with the machine, before every -device
+    #: Why QEMU refuses vfio-pci realized after it (model rule), None if it does not.
+    refuses_vfio_after: str | None = None
+    #: Why it keeps vfio devices in pass-through whatever the guest does, None if not.
+    passthrough: str | None = None
 
     @property
     def label(self) -> str:
@@ -41,8 +51,28 @@ def sysbus_viommus(snap: Snapshot) -> list[tuple[str, str]]:
 def viommu_reads(snap: Snapshot) -> list[tuple[str, dict[str, str]]]:
     """The QOM reads find_viommus needs: a sysbus vIOMMU's primary bus, if it has one."""
     return [
-        ("qom-get", {"path": path, "property": "primary-bus"}) for path, _ in sysbus_viommus(snap)
+        ("qom-get", {"path": path, "property": prop})
+        for path, vtype in sysbus_viommus(snap)
+        for prop in ("primary-bus", *PROPERTIES.get(vtype, ()))
     ]
+
+
+def _props(snap: Snapshot, path: str, vtype: str) -> dict[str, object]:
+    """The model-rule properties QEMU has for this vIOMMU (absent ones are left out)."""
+    out: dict[str, object] = {}
+    for prop in PROPERTIES.get(vtype, ()):
+        value = snap.get_or(None, "qom-get", path=path, property=prop)
+        if isinstance(value, bool):
+            out[prop] = value
+    return out
+
+
+def qemu_version(snap: Snapshot) -> Version | None:
+    """(major, minor) of the inspected QEMU."""
+    parts = (snap.qemu_version or "").split(".")
+    if len(parts) < 2 or not all(p.isdigit() for p in parts[:2]):
+        return None
+    return int(parts[0]), int(parts[1])
 
 
 def find_viommus(snap: Snapshot, topo: Topology) -> list[VIommu]:
@@ -54,8 +84,18 @@ def find_viommus(snap: Snapshot, topo: Topology) -> list[VIommu]:
         # -device arm-smmuv3 lives under /machine/peripheral(-anon). The machine's `iommu`
         # property is never read: its getter aborts QEMU when a virtio-iommu is present.
         machine_created = vtype == "arm-smmuv3" and is_builtin(path)
+        props = _props(snap, path, vtype)
+        version = qemu_version(snap)
         found.append(
-            VIommu(path, vtype, T.VIOMMU_TYPES[vtype], primary or topo.main_root, machine_created)
+            VIommu(
+                path,
+                vtype,
+                T.VIOMMU_TYPES[vtype],
+                primary or topo.main_root,
+                machine_created,
+                refuses_vfio_after(vtype, props, machine_created, version),
+                passthrough(vtype, props, version),
+            )
         )
     for dev in topo.devices.values():
         if dev.type in T.PCI_VIOMMU_TYPES:

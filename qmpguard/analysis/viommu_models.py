@@ -12,6 +12,7 @@ global counter: a creation order on its own), amd-iommu `amd_iommu_devfn_<devfn>
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 
@@ -124,3 +125,48 @@ MODELS: dict[str, ViommuModel] = {
 
 def model(kind: str) -> ViommuModel:
     return MODELS.get(kind, ViommuModel(kind, None, True, ""))
+
+
+Version = tuple[int, int]
+
+#: Properties read from a sysbus vIOMMU, per type, for the rules below.
+PROPERTIES: dict[str, tuple[str, ...]] = {
+    "amd-iommu": ("pt", "dma-remap"),
+    "arm-smmuv3": ("accel",),
+}
+
+
+def refuses_vfio_after(
+    vtype: str, props: Mapping[str, object], machine_created: bool, version: Version | None
+) -> str | None:
+    """Why QEMU refuses a vfio-pci device realized after this vIOMMU, if it does: a running
+    vfio device behind it was then realized before it (seen live, DMA log as truth)."""
+    if vtype == "arm-smmuv3" and not machine_created and props.get("accel") is not True:
+        return (
+            "QEMU's emulated SMMUv3 has no MAP notifier: it refuses vfio-pci realized after "
+            "it (seen on 11.1), so a running one was realized before it"
+        )
+    if vtype == "amd-iommu" and version is not None:
+        if version[0] == 7:
+            return (
+                'amd-iommu in QEMU 7.2 refuses vfio-pci realized after it ("requires iommu '
+                'notifier"), so a running one was realized before it'
+            )
+        if version == (10, 0) and props.get("pt") is False:
+            return (
+                "amd-iommu with pt=off in QEMU 10.0 refuses vfio-pci realized after it, so a "
+                "running one was realized before it"
+            )
+    return None
+
+
+def passthrough(vtype: str, props: Mapping[str, object], version: Version | None) -> str | None:
+    """Why this vIOMMU keeps vfio devices in pass-through whatever the guest programs, if
+    it does (all guest RAM stays mapped in either order; seen on 10.0 and 11.1)."""
+    if vtype != "amd-iommu" or version is None or version < (10, 0):
+        return None
+    if props.get("dma-remap") is False:
+        return "amd-iommu without dma-remap=on keeps vfio devices in pass-through"
+    if "dma-remap" not in props and props.get("pt") is True:
+        return "amd-iommu with pt=on (10.0's default) keeps vfio devices in pass-through"
+    return None

@@ -351,13 +351,6 @@ def test_amd_passthrough_keeps_all_ram(
     assert_verdict(doc, misbound=not viommu_first)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="qmpguard reads neither amd-iommu's `pt` (10.0, on by default) nor `dma-remap` "
-    "(10.1+, off by default): a correctly ordered vfio device that QEMU keeps in "
-    "pass-through whatever the guest programs gets verdict ok and no finding, although "
-    "the DMA log shows all guest RAM mapped (the guest cannot isolate it)",
-)
 def test_amd_passthrough_is_reported(
     qemu_vm: VmFactory, tmp_path: Path, built: Built, x86: tuple[int, int]
 ) -> None:
@@ -390,12 +383,6 @@ def test_amd_notifier_refusal(
     assert_verdict(inspect(vm, scenario="amd-iommu, correct order refused"), misbound=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a running vfio device behind amd-iommu on 7.2 (or 10.0 with pt=off) can only be "
-    "misordered, since QEMU refuses the correct order (DOMAIN.md §4.8), but qmpguard "
-    "neither applies that rule nor reads `pt`: without the command line it says unverified",
-)
 def test_amd_refused_order_implies_misbound_without_cmdline(
     qemu_vm: VmFactory, tmp_path: Path, built: Built, x86: tuple[int, int]
 ) -> None:
@@ -461,13 +448,6 @@ def test_arm_smmuv3_fix_is_not_reorder(
     assert "virtio-iommu" in fix and "refuse" in fix, message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="qmpguard does not apply the rule that QEMU refuses vfio-pci behind an emulated "
-    "arm-smmuv3 in the right order (no MAP notifier; DOMAIN.md §7), so a running one can "
-    "only be misordered: without the command line it says unverified ('address-space "
-    "order not established for arm-smmuv3')",
-)
 @ON_ARM
 @ARM
 def test_arm_smmuv3_misorder_without_cmdline(
