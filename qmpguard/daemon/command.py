@@ -76,26 +76,21 @@ def run(args: argparse.Namespace) -> int:
 
 async def _serve(settings: Settings, args: argparse.Namespace) -> int:
     # Imported here: `qmpguard check` should not pay for aiohttp and prometheus_client.
-    from aiohttp import web
-
     from qmpguard.daemon.exporter import build_registry
     from qmpguard.daemon.results import ResultStore
     from qmpguard.daemon.watch import Scheduler
-    from qmpguard.daemon.web import build_app
+    from qmpguard.daemon.web import build_app, start_http
 
     store = ResultStore()
     registry, duration = build_registry(store)
     scheduler = Scheduler(settings, store, duration)
     app = build_app(store, registry, settings.token)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
     tls = None
     if settings.tls_cert and settings.tls_key:
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         tls.load_cert_chain(settings.tls_cert, settings.tls_key)
     host, port = settings.listen_host_port
-    site = web.TCPSite(runner, host, port, ssl_context=tls)
-    await site.start()
+    http = await start_http(app, host, port, tls, registry)  # capped, with deadlines
     log.info("listening", address=settings.listen, tls=tls is not None)
 
     stop = asyncio.Event()
@@ -162,5 +157,5 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
     log.info("stopping")
     task.cancel()
     await scheduler.stop()
-    await runner.cleanup()
+    await http.close()
     return 0

@@ -31,7 +31,7 @@ from qmpguard.daemon.results import ResultStore
 from qmpguard.daemon.settings import Settings
 from qmpguard.inspect import TargetResult, analyse_snapshot, inspect_target
 from qmpguard.qmp.libvirt import running_domains
-from qmpguard.qmp.transport import InspectionError, Timeouts, open_session
+from qmpguard.qmp.transport import ErrorReason, InspectionError, Timeouts, open_session
 from qmpguard.targets import Target, parse_target
 
 log = structlog.get_logger("qmpguard.daemon")
@@ -42,7 +42,7 @@ REINSPECT_EVENTS = ("DEVICE_DELETED", "DEVICE_ADDED")
 #: is bounded so no failure count overflows a float (2.0**1024 did, after ~17 h).
 MAX_BACKOFF_EXPONENT = 16
 #: errno values that mean the host ran short, not that the VM misbehaved.
-_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 Inspect = Callable[..., Awaitable[TargetResult]]
 OpenSession = Callable[..., contextlib.AbstractAsyncContextManager[Any]]
@@ -50,7 +50,7 @@ Pause = Callable[[asyncio.Event, float], Awaitable[None]]
 
 
 #: The inspection-error reason every unexpected fault is counted under (metric label).
-FAULT_REASON = "internal"
+FAULT_REASON = ErrorReason.INTERNAL
 
 
 class FaultKind(StrEnum):
@@ -68,7 +68,7 @@ def fault_kind(exc: BaseException) -> FaultKind:
     """Resource exhaustion is told apart: the operator's fix differs (limits, not code)."""
     if isinstance(exc, MemoryError):
         return FaultKind.RESOURCES
-    if isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS:
+    if isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS:
         return FaultKind.RESOURCES
     return FaultKind.INTERNAL
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import resource
 import shutil
 import signal
 import socket
@@ -72,6 +73,12 @@ class Daemon:
     proc: subprocess.Popen[str]
     port: int
     token: str | None = None
+    log: Path | None = None
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        """The daemon's JSON log so far (every line must be JSON)."""
+        assert self.log is not None
+        return [json.loads(line) for line in self.log.read_text().splitlines() if line]
 
     def get(self, path: str, token: str | None = None) -> tuple[int, str]:
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}")
@@ -101,8 +108,14 @@ class Daemon:
 def daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     started: list[subprocess.Popen[str]] = []
 
-    def start(*args: str, token: str | None = None) -> Daemon:
+    def start(*args: str, token: str | None = None, nofile: int | None = None) -> Daemon:
+        """A daemon on a free port; `nofile` sets its RLIMIT_NOFILE (soft and hard)."""
         port = free_port()
+
+        def limit_fds() -> None:
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
         proc = subprocess.Popen(
             [
                 sys.executable,
@@ -118,9 +131,10 @@ def daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
             stdout=subprocess.PIPE,
             stderr=open(tmp_path / f"daemon-{port}.log", "w"),  # noqa: SIM115
             text=True,
+            preexec_fn=limit_fds if nofile is not None else None,
         )
         started.append(proc)
-        d = Daemon(proc, port, token)
+        d = Daemon(proc, port, token, tmp_path / f"daemon-{port}.log")
 
         def healthy() -> bool:
             assert proc.poll() is None, (tmp_path / f"daemon-{port}.log").read_text()
@@ -405,8 +419,13 @@ def test_malformed_http_requests_get_4xx(daemon: Callable[..., Daemon]) -> None:
     assert d.get("/healthz")[0] == 200
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not installed")
-def test_tls(daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+requires_openssl = pytest.mark.skipif(
+    shutil.which("openssl") is None, reason="openssl CLI not installed"
+)
+
+
+def self_signed_cert(tmp_path: Path) -> tuple[Path, Path]:
+    """A throwaway certificate for 127.0.0.1 and its key."""
     cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
     subprocess.run(
         [
@@ -430,6 +449,12 @@ def test_tls(daemon: Callable[..., Daemon], tmp_path: Path) -> None:
         check=True,
         capture_output=True,
     )
+    return cert, key
+
+
+@requires_openssl
+def test_tls(daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    cert, key = self_signed_cert(tmp_path)
     config = tmp_path / "config.toml"
     config.write_text(f'watch = []\n[http]\ntls_cert = "{cert}"\ntls_key = "{key}"\n')
     port = free_port()
