@@ -29,6 +29,7 @@ from qemu.qmp import EventListener
 from qmpguard.collect import collect
 from qmpguard.daemon.results import ResultStore
 from qmpguard.daemon.settings import Settings
+from qmpguard.discovery import ProcessTargets
 from qmpguard.inspect import TargetResult, analyse_snapshot, inspect_target
 from qmpguard.qmp.libvirt import running_domains
 from qmpguard.qmp.transport import ErrorReason, InspectionError, Timeouts, open_session
@@ -173,6 +174,7 @@ class Scheduler:
         self.watched: dict[str, Watched] = {}
         self.gate = asyncio.Semaphore(settings.concurrency)
         self._libvirt_errors: set[str] = set()
+        self._processes = ProcessTargets()
 
     # ---------------------------------------------------------------- discovery
     async def discover(self) -> dict[str, tuple[Target, str, bool]]:
@@ -194,6 +196,9 @@ class Scheduler:
                 if uri not in self._libvirt_errors:  # say it once, not every rescan
                     log.warning("libvirt_unavailable", uri=uri, error=exc.message)
                     self._libvirt_errors.add(uri)
+        if "proc" in self.settings.discover:  # QEMU processes; other sources take precedence
+            for t in await self._processes():
+                found.setdefault(t.name, (t, "proc", False))
         return found
 
     async def rescan(self) -> None:

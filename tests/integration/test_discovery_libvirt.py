@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -26,7 +27,9 @@ from qmpguard.discovery.procfs import read_argv, read_facts
 from qmpguard.discovery.render import vm_json
 from qmpguard.inspect import inspect_target
 from qmpguard.targets import parse_target
-from tests.integration import test_libvirt
+from tests.conftest import SETUP_MARKER
+from tests.integration import test_daemon, test_libvirt
+from tests.integration.test_daemon import wait_for
 from tests.integration.test_discovery import found, namespaced_qemu, needs_namespaces
 
 pytestmark = pytest.mark.integration
@@ -196,3 +199,76 @@ def test_what_each_privilege_level_can_discover(libvirt_domain: Callable[..., st
         assert ptrace_only[str(q.pid)]["target"] is None
         assert "permission denied" in ptrace_only[str(q.pid)]["message"]
         assert "fd (EACCES)" in _unreadable(ptrace_only[str(q.pid)])
+
+
+# ---------------------------------------------------------------- the daemon
+
+daemon = test_daemon.daemon  # the fixture: a real daemon process on a free port
+
+
+def _json_lines(path: Path) -> list[str]:
+    return [ln for ln in path.read_text().splitlines() if ln.startswith("{")]
+
+
+def _qmp_line(sock: socket.socket, request: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Send `request` (if any) and read one reply line, skipping events."""
+    if request is not None:
+        sock.sendall(json.dumps(request).encode() + b"\n")
+    buf = b""
+    while True:
+        while b"\n" not in buf:
+            chunk = sock.recv(65536)
+            assert chunk, "the monitor closed"
+            buf += chunk
+        line, buf = buf.split(b"\n", 1)
+        msg: dict[str, Any] = json.loads(line)
+        if "event" not in msg:
+            return msg
+
+
+@needs_namespaces
+def test_daemon_inspects_all_three_without_taking_a_monitor(
+    libvirt_domain: Callable[..., str], daemon: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A QEMU in its own mount namespace, a libvirt domain and a QEMU whose only monitor
+    is held: the daemon with `discover = ["proc"]` inspects the first two (through
+    /proc/PID/root and through libvirt) and leaves the held monitor to its holder."""
+    with namespaced_qemu("d-free") as free, namespaced_qemu("d-busy") as busy:
+        name = libvirt_domain(NO_VIOMMU)
+        holder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        holder.settimeout(10)
+        holder.connect(f"/proc/{busy.pid}/root{busy.socket}")
+        try:
+            assert "QMP" in _qmp_line(holder)
+            _qmp_line(holder, {"execute": "qmp_capabilities"})
+            # marks the holder's monitor for the read-only audit
+            _qmp_line(
+                holder,
+                {"execute": "qom-get", "arguments": {"path": "/machine", "property": SETUP_MARKER}},
+            )
+            config = tmp_path / "config.toml"
+            config.write_text('watch = []\ndiscover = ["proc"]\nrescan_interval = 1\n')
+            d = daemon("--config", str(config))
+            ns_name = f"unix:/proc/{free.pid}/root{free.socket}"
+
+            def inspected() -> bool:
+                vms = d.vms()
+                return all(
+                    vms.get(n, {}).get("status") == "ok" for n in (ns_name, f"libvirt:{name}")
+                )
+
+            wait_for(inspected, timeout=60, what="namespaced QEMU and libvirt domain inspected")
+            vms = d.vms()
+            assert not [n for n in vms if f"/proc/{busy.pid}/" in n], vms
+            assert vms[f"libvirt:{name}"]["source"] == "proc"
+            said = [
+                line
+                for line in map(json.loads, _json_lines(tmp_path / f"daemon-{d.port}.log"))
+                if line.get("event") == "qemu_not_inspectable" and line.get("pid") == busy.pid
+            ]
+            assert said and said[0]["reason"] == "busy", said
+            # The holder still has its monitor.
+            reply = _qmp_line(holder, {"execute": "query-status"})
+            assert reply["return"]["status"] == "prelaunch"
+        finally:
+            holder.close()
