@@ -19,15 +19,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 Value = str | int | bool
-Syntax = Literal["kv", "kvd", "json", "relaxed", "readconfig"]
+#: kv: `vfio-pci,k=v`; kvd: `driver=vfio-pci,k=v`; kvl: `k=v,...,driver=vfio-pci`
+Syntax = Literal["kv", "kvd", "kvl", "json", "relaxed", "readconfig"]
+CfgStyle = Literal["plain", "tabs", "tight", "wide"]
 Machine = Literal["q35", "pc"]
-Monitor = Literal["qmp-unix", "qmp-tcp", "chardev-unix"]
+Monitor = Literal["qmp-unix", "qmp-tcp", "chardev-unix", "qmp-pretty"]
 Launcher = Literal["direct", "kvm-link", "wrapper"]
 Shape = Literal["hand", "proxmox", "libvirt"]
 
 RAM_MIB = 64
 RAM = RAM_MIB << 20
 VIOMMU_DRIVERS = ("intel-iommu", "virtio-iommu-pci")
+VFIO_DRIVERS = ("vfio-pci", "vfio-pci-nohotplug")  # the latter: a subtype, not hot-pluggable
 BRIDGE_DRIVERS = (
     "pcie-root-port",
     "pcie-pci-bridge",
@@ -63,7 +66,7 @@ class Device:
 
     @property
     def vfio(self) -> bool:
-        return self.driver == "vfio-pci"
+        return self.driver in VFIO_DRIVERS
 
     @property
     def viommu(self) -> bool:
@@ -101,6 +104,14 @@ class Scenario:
     name: str = ""  # corpus cases: the regression class
     cfg_name: str = "vm.cfg"
     monitor_name: str = "vm.qmp"
+    machine_alias: str = ""  # a versioned type, e.g. pc-q35-7.2 (libvirt writes those)
+    machine_flag: str = "-machine"  # or -M
+    implied_type: bool = False  # `-machine q35,...` rather than `type=q35,...`
+    nodefaults: bool = True  # without: QEMU adds its default VGA and NIC (anonymous)
+    cfg_style: CfgStyle = "plain"  # whitespace in -readconfig files (QEMU's sscanf)
+    #: other options as managers write them (before the devices); "{work}" is the run's
+    #: directory
+    extra: tuple[str, ...] = ()
 
     # ------------------------------------------------------------ derived facts
 
@@ -130,6 +141,24 @@ class Scenario:
             d for d in self.devices if d.json_form
         ]
 
+    def cfg_runs(self) -> list[list[Device]]:
+        """-readconfig files: each run of readconfig devices among the key=val ones (JSON
+        options do not interrupt a run: they realize after all of them anyway)."""
+        runs: list[list[Device]] = []
+        previous_rc = False
+        for d in self.devices:
+            if d.json_form:
+                continue
+            if d.syntax == "readconfig":
+                if not previous_rc:
+                    runs.append([])
+                runs[-1].append(d)
+            previous_rc = d.syntax == "readconfig"
+        return runs
+
+    def cfg_file(self, n: int) -> str:
+        return self.cfg_name if n == 0 else self.cfg_name.replace(".cfg", f"-{n + 1}.cfg")
+
     def vfio_groups(self) -> list[int]:
         groups = [d.group for d in self.devices if d.vfio and d.group is not None]
         groups += [op.group for op in self.hotplug if op.action == "add"]
@@ -153,7 +182,7 @@ class Scenario:
         v = self.viommu
         if v is None:
             return self
-        syntax: Syntax = "kvd" if v.syntax == "kvd" else "kv"
+        syntax: Syntax = v.syntax if v.syntax in ("kvd", "kvl") else "kv"
         first = replace(v, syntax=syntax)
         rest = tuple(d for d in self.devices if d is not v)
         return replace(self, devices=(first, *rest), name=f"{self.name} (reference)".strip())
@@ -178,6 +207,10 @@ class Scenario:
             tags.append("multifunction")
         if any(d.vfio and d.id is None for d in self.devices):
             tags.append("anonymous-vfio")
+        if any(d.driver == "vfio-pci-nohotplug" for d in self.devices):
+            tags.append("vfio-pci-nohotplug")
+        if len(self.cfg_runs()) > 1:
+            tags.append("readconfig-x2")
         if any(d.driver == "pxb" and d.id for d in self.devices):
             tags.append("named-pxb")
         if any(d.id is not None and not _kv_safe_id(d.id) for d in self.devices):
@@ -186,6 +219,14 @@ class Scenario:
             tags.append("hotplug")
         if self.unplugs:
             tags.append("unplug")
+        if not self.nodefaults:
+            tags.append("defaults")
+        if self.cfg_style != "plain" and self.cfg_runs():
+            tags.append("readconfig-whitespace")
+        if "-drive" in self.extra:
+            tags.append("implicit-device")
+        if self.extra:
+            tags.append("extra-options")
         dels = {op.id for op in self.hotplug if op.action == "del"}
         if any(op.action == "add" and op.id is not None for op in self.hotplug) and dels:
             tags.append("replug")
@@ -202,7 +243,8 @@ class Scenario:
             Device(**{**d, "props": tuple((k, v) for k, v in d["props"])}) for d in data["devices"]
         )
         hotplug = tuple(HotOp(**op) for op in data.get("hotplug", ()))
-        return Scenario(**{**data, "devices": devices, "hotplug": hotplug})
+        extra = tuple(data.get("extra", ()))
+        return Scenario(**{**data, "devices": devices, "hotplug": hotplug, "extra": extra})
 
 
 def _kv_safe_id(text: str) -> bool:
@@ -351,26 +393,41 @@ def render_device(dev: Device, ctx: RenderContext) -> str:
     if dev.syntax == "relaxed":
         items = [("driver", dev.driver), *props]
         return "{" + ",".join(f"{_relaxed(k)}:{_relaxed(v)}" for k, v in items) + "}"
+    pairs = [f"{k}={_kv_value(v)}" for k, v in props]
+    if dev.syntax == "kvl":
+        return ",".join([*pairs, f"driver={dev.driver}"])
     head = f"driver={dev.driver}" if dev.syntax == "kvd" else dev.driver
-    return ",".join([head, *(f"{k}={_kv_value(v)}" for k, v in props)])
+    return ",".join([head, *pairs])
 
 
-def render_readconfig(devs: list[Device], ctx: RenderContext) -> str:
+_CFG_LAYOUT: dict[str, tuple[str, str]] = {  # style -> (section gap, entry format)
+    "plain": (" ", '  {k} = "{v}"'),
+    "tabs": (" ", '\t{k}\t=\t"{v}"'),
+    "tight": (" ", '{k} ="{v}"'),
+    "wide": ("    ", '    {k}    =    "{v}"'),
+}
+
+
+def render_readconfig(devs: list[Device], ctx: RenderContext, style: str = "plain") -> str:
+    """QEMU's config file; QEMU reads it with sscanf, so any whitespace around `=` and in
+    the section header is fine (tabs, none before the value, several spaces)."""
+    gap, entry = _CFG_LAYOUT[style]
     out = ["# qemu config file (written by tests/generator)", ""]
     for dev in devs:
-        out.append(f'[device "{dev.id}"]' if dev.id is not None else "[device]")
-        out.append(f'  driver = "{dev.driver}"')
+        out.append(f'[device{gap}"{dev.id}"]' if dev.id is not None else "[device]")
+        out.append(entry.format(k="driver", v=dev.driver))
         for k, v in device_props(dev, ctx):
             if k == "id":
                 continue
             value = ("on" if v else "off") if isinstance(v, bool) else str(v)
-            out.append(f'  {k} = "{value}"')
+            out.append(entry.format(k=k, v=value))
         out.append("")
     return "\n".join(out)
 
 
 def machine_option(s: Scenario) -> str:
-    opts = [f"type={s.machine}"]
+    name = s.machine_alias or s.machine
+    opts = [name if s.implied_type else f"type={name}"]
     if s.viommu_model == "intel":
         opts.append("kernel-irqchip=split")
     if s.bus_bypass:
@@ -400,8 +457,9 @@ def render(s: Scenario, ctx: RenderContext) -> Rendered:
     monitor_path = ctx.workdir / s.monitor_name
     if s.shape == "proxmox":
         argv += ["-name", "vm100,debug-threads=on", "-no-shutdown"]
-    if s.monitor == "qmp-unix":
-        argv += ["-qmp", f"unix:{monitor_path},server=on,wait=off"]
+    if s.monitor in ("qmp-unix", "qmp-pretty"):
+        flag = "-qmp" if s.monitor == "qmp-unix" else "-qmp-pretty"
+        argv += [flag, f"unix:{monitor_path},server=on,wait=off"]
         target = f"unix:{monitor_path}"
     elif s.monitor == "qmp-tcp":
         argv += ["-qmp", f"tcp:127.0.0.1:{ctx.tcp_port},server=on,wait=off"]
@@ -415,9 +473,9 @@ def render(s: Scenario, ctx: RenderContext) -> Rendered:
             f"chardev={chardev},mode=control",
         ]
         target = f"unix:{monitor_path}"
-    argv += ["-nodefaults", "-display", "none"]
+    argv += ["-nodefaults", "-display", "none"] if s.nodefaults else ["-display", "none"]
     if not s.machine_last:
-        argv += ["-machine", machine_option(s)]
+        argv += [s.machine_flag, machine_option(s)]
     argv += [
         "-m",
         str(RAM_MIB),
@@ -426,24 +484,26 @@ def render(s: Scenario, ctx: RenderContext) -> Rendered:
         "-machine",
         "memory-backend=mem",
     ]
+    argv += [a.replace("{work}", str(ctx.workdir)) for a in s.extra]
     if s.guest:
         argv += ["-kernel", str(ctx.guest_kernel), "-debugcon", f"file:{ctx.console}"]
     else:
         argv += ["-S"]
     if s.unplugs:
         argv += ["-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off"]
-    cfg = ctx.workdir / s.cfg_name
-    readconfig = [d for d in s.devices if d.syntax == "readconfig"]
+    runs = s.cfg_runs()
+    firsts = {id(run[0]): n for n, run in enumerate(runs)}
     for dev in s.devices:
         if dev.syntax == "readconfig":
-            if dev is readconfig[0]:
+            if id(dev) in firsts:
+                n = firsts[id(dev)]
+                cfg = ctx.workdir / s.cfg_file(n)
                 argv += ["-readconfig", str(cfg)]
+                files[cfg] = render_readconfig(runs[n], ctx, s.cfg_style)
             continue
         argv += ["--device" if dev.long_option else "-device", render_device(dev, ctx)]
-    if readconfig:
-        files[cfg] = render_readconfig(readconfig, ctx)
     if s.machine_last:
-        argv += ["-machine", machine_option(s)]
+        argv += [s.machine_flag, machine_option(s)]
     harness = [
         "-chardev",
         f"socket,id=setup-mon,fd={SETUP_FD},server=on,wait=off",

@@ -9,6 +9,8 @@ first (a reference run, only when needed) still maps all RAM for it: then the de
 not translatable at all (bypass bus, no vIOMMU on its path) and `ok` is right; (b) never
 `misbound` for a translated device; (c) every vfio device is in the report; (d)
 `unverified` only with a stated reason; (e) the inspection never fails on a valid VM.
+Also checked: `misbound` (QG001, "reorder the options") for a device that maps all RAM
+even with the vIOMMU first is a false alarm (misbound-untranslatable).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ CLASSES = (
     "missing",
     "unverified-without-reason",
     "inspection-error",
+    "misbound-untranslatable",  # beyond the brief: QG001 where reordering cannot help
 )
 
 
@@ -95,7 +98,22 @@ def judge(scn: Scenario, run: RunResult, reference: Callable[[Scenario], RunResu
         ]
         out.status = "disagree"
         return out
-    ref_run: RunResult | None = None
+    ref: list[RunResult] = []
+
+    def reference_truth(group: int, path: str) -> Truth | None:
+        """The group's truth with the vIOMMU realized first (run once, only when needed)."""
+        if scn.viommu is None:
+            return "all-ram"  # no vIOMMU at all: nothing could translate it
+        if not ref:
+            ref.append(reference(scn.with_viommu_first()))
+            out.reference_run = ref[0]
+        if ref[0].status != "ran":
+            out.disagreements.append(
+                Disagreement("reference-failed", path, f"{ref[0].status}: {ref[0].detail}")
+            )
+            return None
+        return truth_of(ref[0].mapped.get(group))
+
     for v in run.present:
         truth = truth_of(run.mapped.get(v.group))
         entry = _report_device(run.doc, v)
@@ -104,30 +122,17 @@ def judge(scn: Scenario, run: RunResult, reference: Callable[[Scenario], RunResu
         if entry is None:
             out.disagreements.append(Disagreement("missing", v.path, f"group {v.group}"))
         elif verdict == "ok" and truth == "all-ram":
-            if scn.viommu is None:
-                ref_truth = "all-ram"  # no vIOMMU at all: nothing could translate it
-            else:
-                if ref_run is None:
-                    ref_run = reference(scn.with_viommu_first())
-                    out.reference_run = ref_run
-                if ref_run.status != "ran":
-                    out.disagreements.append(
-                        Disagreement(
-                            "reference-failed", v.path, f"{ref_run.status}: {ref_run.detail}"
-                        )
+            ref_truth = reference_truth(v.group, v.path)
+            if ref_truth is not None and ref_truth != "all-ram":
+                out.disagreements.append(
+                    Disagreement(
+                        "wrong-ok",
+                        v.path,
+                        f"all guest RAM mapped ({run.mapped.get(v.group)} bytes), "
+                        f"{ref_truth} with the vIOMMU first; evidence: "
+                        f"{entry['order']['evidence']}",
                     )
-                else:
-                    ref_truth = truth_of(ref_run.mapped.get(v.group))
-                    if ref_truth != "all-ram":
-                        out.disagreements.append(
-                            Disagreement(
-                                "wrong-ok",
-                                v.path,
-                                f"all guest RAM mapped ({run.mapped.get(v.group)} bytes), "
-                                f"{ref_truth} with the vIOMMU first; evidence: "
-                                f"{entry['order']['evidence']}",
-                            )
-                        )
+                )
         elif verdict == "misbound" and truth == "translated":
             out.disagreements.append(
                 Disagreement(
@@ -136,6 +141,18 @@ def judge(scn: Scenario, run: RunResult, reference: Callable[[Scenario], RunResu
                     f"0 bytes mapped; evidence: {entry['order']['evidence']}",
                 )
             )
+        elif verdict == "misbound" and truth == "all-ram":
+            # misbound says "reorder and it will be translated": the reference run tells
+            ref_truth = reference_truth(v.group, v.path)
+            if ref_truth == "all-ram":
+                out.disagreements.append(
+                    Disagreement(
+                        "misbound-untranslatable",
+                        v.path,
+                        "all guest RAM mapped with the vIOMMU first too: no reordering helps; "
+                        f"evidence: {entry['order']['evidence']}",
+                    )
+                )
         elif verdict == "unverified" and not any(
             (e.get("detail") or "").strip() for e in entry["order"]["evidence"]
         ):

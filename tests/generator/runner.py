@@ -207,6 +207,9 @@ async def _setup_client(ctx: RenderContext, proc: subprocess.Popen[bytes]) -> QM
     try:
         connect.result()
     except Exception as exc:
+        # EOF before the greeting: QEMU is exiting (a refused option); let it finish
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
         if proc.poll() is not None:
             raise Rejected(_qemu_error_line(ctx.stderr.read_text(errors="replace"))) from None
         raise HarnessError(f"setup monitor: {exc!r}") from None
@@ -222,7 +225,7 @@ async def present_vfio(client: QMPClient, ctx: RenderContext) -> list[VfioPresen
     for parent in ("/machine/peripheral", "/machine/peripheral-anon"):
         children: Any = await client.execute("qom-list", {"path": parent})
         for child in children:
-            if child["type"] != "child<vfio-pci>":
+            if child["type"] not in ("child<vfio-pci>", "child<vfio-pci-nohotplug>"):
                 continue
             path = f"{parent}/{child['name']}"
             sysfsdev = await client.execute("qom-get", {"path": path, "property": "sysfsdev"})
@@ -364,7 +367,10 @@ async def _play(
                     # the guest powers an emptied slot on again for the new device
                     bus, devfn = powered_off.pop(op.bus)
                     await qtest.slot_control(bus, devfn, PIC_ON, SLTCTL_PCC | SLTCTL_PIC)
-                await client.execute("device_add", args)
+                try:
+                    await client.execute("device_add", args)
+                except ExecuteError as exc:
+                    raise Rejected(f"device_add {args}: {exc}") from None
             else:
                 assert qtest is not None
                 match = [v for v in await present_vfio(client, ctx) if v.group == op.group]
@@ -434,8 +440,9 @@ def run_scenario(scn: Scenario, qemu: QemuBinary, workdir: Path, built: Built) -
             _kill(proc)
         result.audit_refused = audit_qmp_trace(ctx.trace)
         AUDIT["vms"] += 1
-        cfg = next((p for p in rendered.files if p.suffix == ".cfg"), None)
-        result.readconfig = cfg.read_text() if cfg else ""
+        result.readconfig = "".join(
+            f"# {p.name}\n{text}" for p, text in rendered.files.items() if p.suffix == ".cfg"
+        )
         result.seconds = time.monotonic() - started
         return result
     raise AssertionError("unreachable")

@@ -40,8 +40,19 @@ SAFE_IDS = st.sampled_from(
 )
 #: ids QEMU accepts in JSON -device (7.2, 10.0): checked by starting QEMU with each
 WEIRD_IDS = st.sampled_from(
-    ["line\nbreak", 'dq"uote', "sq'uote", "with space", "1leading-digit", "colon:id", "x" * 90]
+    [
+        "line\nbreak",
+        'dq"uote',
+        "sq'uote",
+        "with space",
+        "1leading-digit",
+        "colon:id",
+        "x" * 90,
+        "device[0]",  # the name of an anonymous device, but under /machine/peripheral
+    ]
 )
+#: well-formed ids that are also names of buses or of the vIOMMU elsewhere: leaves only
+TRICKY_LEAF_IDS = st.sampled_from(["pcie.0", "pci.0", "viommu", "iommu0", "pxb-internal"])
 
 
 @dataclass
@@ -101,6 +112,24 @@ class _Builder:
 
 
 BRIDGES = ("pcie-root-port", "pcie-pci-bridge", "pci-bridge", "i82801b11-bridge", "pxb", "pxb-pcie")
+SYNTAXES: list[Syntax] = ["kv", "kv", "kvd", "kvl", "json", "relaxed"]
+#: options managers and people add that create no PCI device (pairs)
+HAND_EXTRAS = [
+    ("-rtc", "base=utc"),
+    ("-msg", "timestamp=on"),
+    ("-smp", "1,sockets=1,cores=1,maxcpus=1"),
+    ("-boot", "strict=on"),
+    ("-k", "en-us"),
+    ("-overcommit", "mem-lock=off"),
+    ("-name", "guest=gen,debug-threads=on"),
+    ("-no-user-config",),
+    ("-pidfile", "{work}/vm.pid"),
+    ("-global", "kvm-pit.lost_tick_policy=discard"),
+]
+#: an option that creates an anonymous PCI device itself (virtio-blk-pci)
+IMPLICIT_DRIVE = ("-drive", "if=virtio,driver=null-co,read-zeroes=on")
+#: versioned machine types every QEMU of the matrix has (7.2, 10.0, 11.1)
+VERSIONED = {"q35": "pc-q35-7.2", "pc": "pc-i440fx-7.2"}
 PARENTS = {  # bridge -> bus kinds it may sit on
     "pcie-root-port": {"root-pcie", "pxb-pcie"},
     "pcie-pci-bridge": {"root-pcie", "port"},
@@ -150,12 +179,27 @@ def _addr_text(draw: Any, slot: int, fn: int) -> str:
 
 
 @st.composite
-def hand_scenarios(draw: Any, unusual_ids: bool = True) -> Scenario:
-    """Hand-written command lines: any topology, syntax and order QEMU accepts."""
-    machine: Machine = draw(st.sampled_from(["q35", "pc"]))
-    models = ["intel", "virtio", "none"] if machine == "q35" else ["virtio", "none"]
+def hand_scenarios(draw: Any, unusual_ids: bool = True, hot: bool = False) -> Scenario:
+    """Hand-written command lines: any topology, syntax and order QEMU accepts.
+
+    hot: a q35 VM with hot-plug steps, one vfio device alone on a root port of pcie.0 (so
+    that it can be unplugged) besides whatever else is drawn."""
+    machine: Machine = "q35" if hot else draw(st.sampled_from(["q35", "pc"]))
+    models = (
+        ["intel", "virtio", "intel", "virtio", "none"]
+        if machine == "q35"
+        else ["virtio", "virtio", "none"]
+    )
     model = draw(st.sampled_from(models))
     b = _Builder(machine)
+    groups = iter(range(1, 20))
+    if hot:
+        b.chassis += 1
+        port = _Node("pcie-root-port", None, props={"chassis": b.chassis})
+        _place(draw, b, port)
+        port.props.pop("multifunction", None)
+        b.nodes.append(port)
+        b.nodes.append(_Node("vfio-pci", len(b.nodes) - 1, slot=0, group=next(groups)))
     # --- bridges
     for _ in range(draw(st.integers(0, 4))):
         choices = [(br, p) for p in b.buses() for br in BRIDGES if b.bus_kind(p) in PARENTS[br]]
@@ -175,11 +219,11 @@ def hand_scenarios(draw: Any, unusual_ids: bool = True) -> Scenario:
                 node.props["bypass_iommu"] = True
         b.nodes.append(node)
     # --- vfio devices and a filler
-    groups = iter(range(1, 20))
-    for _ in range(draw(st.integers(1, 3))):
+    for _ in range(draw(st.integers(0 if hot else 1, 2 if hot else 3))):
         buses = [p for p in b.buses() if b.bus_kind(p) != "pxb-pcie"]
         parent = draw(st.sampled_from(buses))
-        node = _Node("vfio-pci", parent, group=next(groups))
+        driver = draw(st.sampled_from(["vfio-pci", "vfio-pci", "vfio-pci", "vfio-pci-nohotplug"]))
+        node = _Node(driver, parent, group=next(groups))
         _place(draw, b, node)
         b.nodes.append(node)
     for _ in range(draw(st.integers(0, 1))):
@@ -192,16 +236,18 @@ def hand_scenarios(draw: Any, unusual_ids: bool = True) -> Scenario:
             b.nodes[n.parent].children += 1
     # bridges without children may be anonymous; root-bus leaves may be auto-placed
     for n in b.nodes:
-        if n.driver in BRIDGES and n.children == 0:
+        if n.driver in BRIDGES and n.children == 0 and not hot:
+            # not with hot-plug steps: a later bus=pcie.0 can land on an anonymous root
+            # port's bus (also named pcie.0; seen on 11.1), where qtest cannot reach it
             n.named = draw(st.booleans())
-        if n.driver in ("vfio-pci", "pci-testdev"):
+        if n.driver in ("vfio-pci", "vfio-pci-nohotplug", "pci-testdev"):
             n.named = draw(st.integers(0, 2)) > 0
             if n.parent is None and "multifunction" not in n.props:
                 n.auto_addr = draw(st.integers(0, 4)) == 0
                 n.auto_bus = n.auto_addr and draw(st.booleans()) and not b.has_bridges()
     # --- hot-plug: empty named root ports on pcie.0 for it
     steps: list[_HotStep] = []
-    if machine == "q35" and draw(st.integers(0, 3)) == 0:
+    if hot:
         steps = _hotplug_plan(draw, b, groups)
     # --- command-line order: a random topological order, the vIOMMU anywhere
     order: list[int] = []
@@ -213,9 +259,7 @@ def hand_scenarios(draw: Any, unusual_ids: bool = True) -> Scenario:
         pending.remove(pick)
     viommu_at = draw(st.integers(0, len(order)))
     # --- syntaxes: JSON bridges pull their subtree into JSON
-    syntax: dict[int, Syntax] = {
-        i: draw(st.sampled_from(["kv", "kv", "kvd", "json", "relaxed"])) for i in order
-    }
+    syntax: dict[int, Syntax] = {i: draw(st.sampled_from(SYNTAXES)) for i in order}
     for i in order:  # parents come first in `order`
         p = b.nodes[i].parent
         if (
@@ -237,12 +281,13 @@ def hand_scenarios(draw: Any, unusual_ids: bool = True) -> Scenario:
         if n.named:
             weird = (
                 unusual_ids
-                and syntax[i] in ("json", "relaxed")
-                and n.driver not in BRIDGES
+                and syntax[i] in ("json", "relaxed")  # a bridge's children are JSON too
                 and draw(st.integers(0, 2)) == 0
             )
-            base = draw(WEIRD_IDS if weird else SAFE_IDS)
-            dev_id = base + str(k)
+            tricky = n.driver not in BRIDGES and draw(st.integers(0, 5)) == 0
+            base = draw(WEIRD_IDS if weird else TRICKY_LEAF_IDS if tricky else SAFE_IDS)
+            exact = (weird or tricky) and draw(st.booleans())
+            dev_id = base if exact else base + str(k)
             while dev_id in used:
                 dev_id += "x"
             used.add(dev_id)
@@ -257,34 +302,61 @@ def hand_scenarios(draw: Any, unusual_ids: bool = True) -> Scenario:
             Device(n.driver, dev_id, tuple(props), syntax[i], n.group, draw(st.integers(0, 9)) == 0)
         )
     group_ids = {b.nodes[i].group: ids[i] for i in ids if b.nodes[i].group is not None}
-    hot = _hot_ops(steps, ids, group_ids)  # type: ignore[arg-type]
-    devices.insert(viommu_at, _viommu(draw, model, machine, b))
+    hot_ops = _hot_ops(steps, ids, group_ids)  # type: ignore[arg-type]
+    devices.insert(viommu_at, _viommu(draw, model, machine, b, used))
     devices = _readconfig_block(draw, devices)
+    if draw(st.integers(0, 3)) == 0:  # a second -readconfig file
+        devices = _readconfig_block(draw, devices)
     return Scenario(
         machine,
         tuple(d for d in devices if d.driver != "none"),
-        monitor=draw(st.sampled_from(["qmp-unix", "qmp-unix", "chardev-unix", "qmp-tcp"])),
+        monitor=draw(
+            st.sampled_from(["qmp-unix", "qmp-unix", "chardev-unix", "qmp-tcp", "qmp-pretty"])
+        ),
         launcher=draw(st.sampled_from(["direct", "direct", "kvm-link", "wrapper"])),
         bus_bypass=draw(st.integers(0, 5)) == 0,
         machine_last=draw(st.integers(0, 4)) == 0,
-        hotplug=tuple(hot),
+        hotplug=tuple(hot_ops),
+        machine_alias=draw(st.sampled_from(["", "", "", VERSIONED[machine]])),
+        machine_flag=draw(st.sampled_from(["-machine", "-M"])),
+        implied_type=draw(st.booleans()),
+        # QEMU's default devices: not with the VT-d guest (10.0's off-tree build then
+        # never reaches the guest: it loads the system's UI modules and stalls)
+        nodefaults=model == "intel" or draw(st.integers(0, 4)) > 0,
+        cfg_style=draw(st.sampled_from(["plain", "plain", "tabs", "tight", "wide"])),
+        extra=_extras(draw, not any(n.driver in ("pxb", "pxb-pcie") for n in b.nodes)),
     )
 
 
-def _viommu(draw: Any, model: str, machine: Machine, b: _Builder) -> Device:
-    dev_id = draw(st.sampled_from([None, "viommu", "iommu0"]))
+def _extras(draw: Any, implicit_ok: bool) -> tuple[str, ...]:
+    picked = draw(st.lists(st.sampled_from(HAND_EXTRAS), max_size=4, unique=True))
+    # -drive if=virtio's device goes to the first PCI bus QEMU finds: a pxb-pcie's root
+    # bus (pxb or pxb-pcie) takes bridges only ("Only PCI/PCIe bridges can be plugged...")
+    if implicit_ok and draw(st.integers(0, 5)) == 0:
+        picked.append(IMPLICIT_DRIVE)
+    return tuple(a for pair in picked for a in pair)
+
+
+def _viommu(draw: Any, model: str, machine: Machine, b: _Builder, used: set[str]) -> Device:
+    dev_id = draw(st.sampled_from([None, "viommu", "iommu0", "vi"]))
+    while dev_id in used:
+        dev_id += "-x"
+    if dev_id is not None:
+        used.add(dev_id)
     if model == "intel":
         props: list[tuple[str, Value]] = [("caching-mode", True)]
         if draw(st.booleans()):
             props.insert(0, ("intremap", "on"))
-        syntax: Syntax = draw(st.sampled_from(["kv", "kv", "kvd", "json", "relaxed"]))
+        syntax: Syntax = draw(st.sampled_from(SYNTAXES))
         return Device("intel-iommu", dev_id, tuple(props), syntax)
     if model == "virtio":
         free = [s for s in range(0x08, 0x1E) if s not in b.root_slots]
         slot = draw(st.sampled_from(free))
         b.root_slots.add(slot)
-        syntax = draw(st.sampled_from(["kv", "kv", "kvd", "json", "relaxed"]))
+        syntax = draw(st.sampled_from(SYNTAXES))
         props = [("boot-bypass", False), ("bus", main_bus(machine)), ("addr", f"{slot:x}.0")]
+        if not b.has_bridges() and draw(st.integers(0, 3)) == 0:
+            props = [("boot-bypass", False)]  # QEMU places it (lowest free slot of the root)
         return Device("virtio-iommu-pci", dev_id, tuple(props), syntax)
     return Device("none")  # dropped by the caller
 
@@ -299,7 +371,7 @@ def _readconfig_block(draw: Any, devices: list[Device]) -> list[Device]:
     for k, d in enumerate(devices):
         if (
             lo <= k < hi
-            and d.syntax in ("kv", "kvd")
+            and d.syntax in ("kv", "kvd", "kvl")
             and d.driver != "none"
             and (d.id is None or (len(d.id) <= 63 and '"' not in d.id))
         ):
@@ -343,7 +415,7 @@ def _hotplug_plan(draw: Any, b: _Builder, groups: Any) -> list[_HotStep]:
     emptied: list[tuple[int, int]] = []  # (port, group) unplugged: re-pluggable
     steps: list[_HotStep] = []
     for _ in range(draw(st.integers(1, 3))):
-        actions = [a for a, ok in (("add", empty), ("del", occupied), ("re", emptied)) if ok]
+        actions = [a for a, ok in (("del", occupied), ("re", emptied), ("add", empty)) if ok]
         if not actions:
             break
         action = draw(st.sampled_from(actions))
@@ -389,6 +461,43 @@ def _hot_ops(steps: list[_HotStep], ids: dict[int, str], group_ids: dict[int, st
 # ------------------------------------------------------------------ managers' shapes
 
 PVE_CFG = "pve-q35-4.0.cfg"
+#: the rest of a Proxmox VE command line that TCG and plain QEMU take (no -id, -cpu
+#: kvm64,+kvm_pv_*, -daemonize)
+PVE_EXTRAS = (
+    "-pidfile",
+    "{work}/100.pid",
+    "-smbios",
+    "type=1,uuid=7dd5e2a0-1f2e-4f35-9d2b-6a3c3f1b1e11",
+    "-smp",
+    "1,sockets=1,cores=1,maxcpus=1",
+    "-boot",
+    "menu=on,strict=on,reboot-timeout=1000",
+    "-vnc",
+    "unix:{work}/100.vnc,password=on",
+    "-k",
+    "en-us",
+    "-global",
+    "kvm-pit.lost_tick_policy=discard",
+    "-rtc",
+    "driftfix=slew,base=localtime",
+    "-iscsi",
+    "initiator-name=iqn.1993-08.org.debian:01:4f5e6d7c8b9a",
+)
+LIBVIRT_EXTRAS = (
+    "-name",
+    "guest=gen,debug-threads=on",
+    "-msg",
+    "timestamp=on",
+    "-no-user-config",
+    "-uuid",
+    "7dd5e2a0-1f2e-4f35-9d2b-6a3c3f1b1e11",
+    "-overcommit",
+    "mem-lock=off",
+    "-rtc",
+    "base=utc",
+    "-boot",
+    "strict=on",
+)
 
 
 def pve_q35_layout() -> list[Device]:
@@ -457,6 +566,8 @@ def proxmox_scenarios(draw: Any) -> Scenario:
     return Scenario(
         "q35",
         tuple(devices),
+        extra=PVE_EXTRAS,
+        cfg_style=draw(st.sampled_from(["plain", "tabs"])),
         monitor="chardev-unix",
         launcher=draw(st.sampled_from(["kvm-link", "kvm-link", "direct"])),
         shape="proxmox",
@@ -526,13 +637,17 @@ def libvirt_scenarios(draw: Any) -> Scenario:
         monitor="chardev-unix",
         shape="libvirt",
         monitor_name="monitor.sock",
+        extra=LIBVIRT_EXTRAS,
+        machine_alias=draw(st.sampled_from(["", VERSIONED[machine]])),
     )
 
 
 def scenarios(unusual_ids: bool = True) -> st.SearchStrategy[Scenario]:
-    """Every kind: mostly hand-written lines, some Proxmox VE and libvirt shapes.
+    """Every kind: mostly hand-written lines (some with hot-plug steps), some Proxmox VE
+    and libvirt shapes.
 
     unusual_ids: JSON ids outside QEMU's id_wellformed(), for builds that take them
     (runner.accepts_unusual_ids)."""
     hand = hand_scenarios(unusual_ids)
-    return st.one_of(hand, hand, hand, proxmox_scenarios(), libvirt_scenarios())
+    hot = hand_scenarios(unusual_ids, hot=True)
+    return st.one_of(hand, hand, hand, hand, hot, hot, proxmox_scenarios(), libvirt_scenarios())

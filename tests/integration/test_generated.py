@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from tests.conftest import QEMU_MATRIX, requires_qemu
-from tests.generator.corpus import CASES, Case
+from tests.generator.corpus import CASES, Case, known_open
 from tests.generator.model import QemuBinary, Scenario
 from tests.generator.oracle import Outcome, evaluate, summary
 from tests.generator.runner import Built, accepts_unusual_ids
@@ -67,6 +67,8 @@ def test_generated_scenarios_agree_with_the_dma_log(
             rejected.append(f"{out.detail}\n  {json.dumps(scn.to_json())}")
             return
         assert out.status != "harness-error", out.detail
+        if out.disagreements and known_open(scn, out.classes()):
+            return  # an open class with its own strict xfail in the corpus
         assert not out.disagreements, _explain(out)
 
     scenario_agrees()
