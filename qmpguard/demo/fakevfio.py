@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
+import stat
 import subprocess
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,20 +20,76 @@ _LOG_LINE = re.compile(
 _GROUP_LINE = re.compile(r"(attach|detach) g=(\d+) c=(-?\d+)")
 
 
-def _build_cached(source: Path, cache_dir: Path, stem: str, suffix: str, flags: list[str]) -> Path:
-    """Compile `source` with gcc into cache_dir, named by a hash of the source; reuse it."""
+class UnsafeCacheError(RuntimeError):
+    """A build cache directory another user could write: nothing in it may be loaded."""
+
+
+def private_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/qmpguard (or ~/.cache/qmpguard), created 0700 and checked private.
+
+    UnsafeCacheError if it exists but is not ours alone; OSError if it cannot be made.
+    """
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    root = Path(base) if os.path.isabs(base) else Path.home() / ".cache"
+    cache = root / "qmpguard"
+    cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+    ensure_private_dir(cache)
+    return cache
+
+
+def ensure_private_dir(path: Path) -> None:
+    """UnsafeCacheError unless `path` is a directory owned by us, writable by no one else."""
+    st = os.stat(path)
+    problem = _not_private(st, stat.S_ISDIR, "a directory")
+    if problem:
+        raise UnsafeCacheError(f"refusing build cache {path}: {problem}")
+
+
+def _not_private(st: os.stat_result, is_kind: Callable[[int], bool], kind: str) -> str | None:
+    if not is_kind(st.st_mode):
+        return f"not {kind}"
+    if st.st_uid != os.geteuid():
+        return f"owned by uid {st.st_uid}, not by uid {os.geteuid()}"
+    if st.st_mode & 0o022:
+        return f"writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def cached_name(source: Path, stem: str, suffix: str) -> str:
+    """The file name a build of `source` is cached under (a hash of the source)."""
     digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
-    out = cache_dir / f"{stem}-{digest}{suffix}"
-    if out.exists():
-        return out
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(f".{os.getpid()}.tmp")
-    proc = subprocess.run(
-        ["gcc", *flags, "-o", str(tmp), str(source)], capture_output=True, text=True, check=False
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"building {source.name} failed: {proc.stderr.strip()}")
-    tmp.replace(out)
+    return f"{stem}-{digest}{suffix}"
+
+
+def _build_cached(source: Path, cache_dir: Path, stem: str, suffix: str, flags: list[str]) -> Path:
+    """Compile `source` with gcc into cache_dir, named by a hash of the source; reuse it.
+
+    What is built here is loaded into QEMU (LD_PRELOAD), so the directory must be private
+    (UnsafeCacheError otherwise) and a cached file is reused only if it is a regular file
+    of ours that no one else can write; anything else is replaced by a fresh build.
+    """
+    ensure_private_dir(cache_dir)
+    out = cache_dir / cached_name(source, stem, suffix)
+    with contextlib.suppress(FileNotFoundError):
+        if _not_private(os.lstat(out), stat.S_ISREG, "a regular file") is None:
+            return out
+        out.unlink()  # not ours (or writable by others): never loaded, rebuilt
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", dir=cache_dir)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        proc = subprocess.run(
+            ["gcc", *flags, "-o", str(tmp), str(source)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"building {source.name} failed: {proc.stderr.strip()}")
+        tmp.chmod(0o755)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 

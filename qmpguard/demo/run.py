@@ -17,10 +17,12 @@ import tempfile
 from pathlib import Path
 
 from qmpguard.demo.fakevfio import (
+    UnsafeCacheError,
     VfioDeviceSpec,
     build_emulation,
     create_sysfs_device,
     emulation_env,
+    private_cache_dir,
 )
 from qmpguard.demo.qemu_process import QemuProcess
 from qmpguard.inspect import TargetResult, inspect_many
@@ -86,6 +88,10 @@ def demo_passed(results: list[TargetResult]) -> bool:
     return verdicts == {"good-vm": "ok", "bad-vm": "misbound"}
 
 
+#: The build cache is not private: nothing is built or loaded (exit code UNKNOWN).
+EXIT_REFUSED = 3
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -99,11 +105,24 @@ def run_demo(fmt: str = "table", keep: bool = False) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
-    cache = Path(tempfile.gettempdir()) / "qmpguard-demo-cache"
-    so_path = build_emulation(cache)
     vms: list[QemuProcess] = []
     with tempfile.TemporaryDirectory(prefix="qmpguard-demo-") as tmp:
-        work = Path(tmp)
+        work = Path(tmp)  # mkdtemp: 0700, ours
+        # The emulation is preloaded into QEMU: it is built into (and reused from) a
+        # private cache only, never a shared path such as $TMPDIR/qmpguard-demo-cache.
+        try:
+            cache = private_cache_dir()
+        except UnsafeCacheError as exc:
+            print(f"qmpguard demo: {exc}", file=sys.stderr)
+            return EXIT_REFUSED
+        except (OSError, RuntimeError):  # no usable home: build afresh for this run
+            cache = work / "build"
+            cache.mkdir(mode=0o700)
+        try:
+            so_path = build_emulation(cache)
+        except UnsafeCacheError as exc:
+            print(f"qmpguard demo: {exc}", file=sys.stderr)
+            return EXIT_REFUSED
         try:
             for i, (name, first) in enumerate((("good-vm", True), ("bad-vm", False))):
                 sysfs = create_sysfs_device(
