@@ -13,9 +13,10 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+from qmpguard.analysis.identity import pve_config_path, pve_vmid
 from qmpguard.analysis.reads import missing_reads
 from qmpguard.analysis.shape import ReplyShapeError
-from qmpguard.process import read_command_line_files
+from qmpguard.process import read_command_line_files, read_small_text
 from qmpguard.qmp.transport import CommandFailed, InspectionError, Session
 from qmpguard.snapshot import Snapshot
 
@@ -66,6 +67,10 @@ async def collect(session: Session) -> Snapshot:
         )
         if snap.pid is not None and snap.cmdline:
             snap.files = read_command_line_files(snap.pid, snap.cmdline)
+    if (vmid := pve_vmid(snap.target)) is not None:  # Proxmox VE: the VM's name
+        text = read_small_text(pve_config_path(vmid))
+        if text is not None:
+            snap.files[pve_config_path(vmid)] = text
     q = _Recorder(session, snap)
     try:
         for _ in range(MAX_ROUNDS):

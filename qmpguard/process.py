@@ -46,12 +46,17 @@ def _in_process_view(pid: int, path: str) -> Path:
 
 
 def read_config_file(pid: int, path: str) -> str | None:
-    """A -readconfig file's text as QEMU saw it; None unless a regular UTF-8 file <= 1 MiB.
+    """A -readconfig file's text as QEMU saw it; None unless a regular UTF-8 file <= 1 MiB."""
+    return read_small_text(_in_process_view(pid, path))
+
+
+def read_small_text(path: str | Path) -> str | None:
+    """A regular UTF-8 file of at most 1 MiB; None otherwise.
 
     Opened non-blocking and checked with fstat, so a FIFO or device never stalls us.
     """
     try:
-        fd = os.open(_in_process_view(pid, path), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
     try:

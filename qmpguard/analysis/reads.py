@@ -25,6 +25,8 @@ Read = tuple[str, dict[str, Any]]
 #: the containers QOM paths are placed in, the address spaces, guest BDFs, the version.
 BASE_READS: tuple[Read, ...] = (
     ("query-version", {}),
+    ("query-name", {}),
+    ("query-uuid", {}),
     ("human-monitor-command", {"command-line": HMP_QTREE}),
     ("qom-list", {"path": "/"}),
     *(("qom-list", {"path": c}) for c in T.OBJECT_CONTAINERS),

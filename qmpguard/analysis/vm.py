@@ -6,6 +6,7 @@ from dataclasses import dataclass, replace
 
 from qmpguard.analysis.binding import ExpectedBinding, expected_binding
 from qmpguard.analysis.findings import RULES, Finding
+from qmpguard.analysis.identity import VmIdentity, vm_identity
 from qmpguard.analysis.model import NO_ORDER, BindingKind, OrderEvidence, Relative, Verdict
 from qmpguard.analysis.mtree import parse_mtree_f
 from qmpguard.analysis.order import OrderContext, order_context, order_of
@@ -39,6 +40,7 @@ class VmFacts:
     bindings: dict[str, ExpectedBinding]
     order: OrderContext
     bdfs: dict[str, str]
+    identity: VmIdentity = VmIdentity("unnamed VM")
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,10 @@ class VmAnalysis:
     @property
     def qemu_version(self) -> str | None:
         return self.facts.qemu_version
+
+    @property
+    def identity(self) -> VmIdentity:
+        return self.facts.identity
 
 
 _BY_ORDER = {
@@ -130,6 +136,7 @@ def snapshot_facts(snap: Snapshot) -> VmFacts:
     return VmFacts(
         origin=f"QEMU {snap.qemu_version or 'version unknown'} ({snap.transport})",
         qemu_version=snap.qemu_version,
+        identity=vm_identity(snap),
         topology=topo,
         viommus=viommus,
         bindings=bindings,

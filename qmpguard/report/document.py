@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from qmpguard.analysis.findings import Finding
+from qmpguard.analysis.identity import VmIdentity
 from qmpguard.analysis.model import Severity
 from qmpguard.analysis.vm import DeviceAnalysis
 from qmpguard.inspect import TargetResult
@@ -69,6 +70,10 @@ def device_json(d: DeviceAnalysis) -> dict[str, Any]:
     }
 
 
+def identity_json(i: VmIdentity) -> dict[str, Any]:
+    return {"label": i.label, "name": i.name, "uuid": i.uuid, "vmid": i.vmid}
+
+
 def target_json(result: TargetResult) -> dict[str, Any]:
     """One entry of `targets`."""
     a = result.analysis
@@ -78,6 +83,7 @@ def target_json(result: TargetResult) -> dict[str, Any]:
         "status": "ok" if a else "error",
         "error": None if a else (result.error.message if result.error else "unknown"),
         "error_reason": None if a else (result.error.reason if result.error else None),
+        "vm": identity_json(a.identity) if a else None,
         "qemu": {"version": snap.qemu_version if snap else None},
         "viommus": [{"path": v.path, "type": v.type} for v in a.viommus] if a else [],
         "devices": [device_json(d) for d in a.devices] if a else [],

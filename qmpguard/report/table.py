@@ -37,7 +37,8 @@ def render_target(result: TargetResult) -> str:
     else:
         version = a.qemu_version or "?"
         vi = printable(", ".join(f"{v.label} ({v.type})" for v in a.viommus) or "none")
-        lines.append(f"== {target}  QEMU {version}  vIOMMU: {vi}")
+        vm = printable(a.identity.label)
+        lines.append(f"== {vm} ({target})  QEMU {version}  vIOMMU: {vi}")
         rows = [["DEVICE", "TYPE", "BUS", "DEVFN", "BDF", "EXPECTED DMA SPACE", "ORDER", "VERDICT"]]
         for d in a.devices:
             rows.append(

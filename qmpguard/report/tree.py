@@ -155,7 +155,8 @@ def render_tree_target(result: TargetResult, colour: bool | None = None) -> str:
         return f"== {P(result.target)}: NOT INSPECTED\n  {P(findings[0].message)}"
     c = _COLOURS if colour else dict.fromkeys(_COLOURS, "")
     vi = P(", ".join(f"{v.label} ({v.type})" for v in vm.viommus) or "none")
-    lines = [f"== {P(result.target)}  QEMU {vm.qemu_version or '?'}  vIOMMU: {vi}"]
+    head = f"{P(vm.identity.label)} ({P(result.target)})"
+    lines = [f"== {head}  QEMU {vm.qemu_version or '?'}  vIOMMU: {vi}"]
     for row in tree_rows(vm, findings):
         indent = "  " * (row.depth + 1)
         if row.kind == "bus":
