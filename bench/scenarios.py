@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--replay", type=Path, help="re-run the scenarios of a results file")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument(
+        "--keep-all", action="store_true", help="write every run's record, not only failures"
+    )
     args = p.parse_args(argv)
     labels = list(QEMU_MATRIX) if args.qemu == "all" else [args.qemu]
     unknown = [lb for lb in labels if lb not in QEMU_MATRIX]
@@ -203,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                     "runs": len(recs),
                     "failures": failures,
                     "rejected": rejected,
+                    **({"all": recs} if args.keep_all else {}),
                 },
                 indent=1,
             )

@@ -39,6 +39,11 @@ class KnownOpen:
 
 KNOWN_OPEN: list[KnownOpen] = [
     KnownOpen(
+        "hot-unplug under virtio-iommu leaves an address space: iommu-as-order says before",
+        lambda s: s.viommu_model == "virtio" and s.unplugs,
+        frozenset({"evidence-wrong", "wrong-misbound"}),
+    ),
+    KnownOpen(
         "QMP monitor that pretty-prints (-qmp-pretty)",
         lambda s: s.monitor == "qmp-pretty",
         frozenset({"inspection-error"}),
@@ -291,6 +296,27 @@ CASES: list[Case] = [
         proxmox("args", cfg_style="tabs"),
         truth={1: "all-ram", 2: "all-ram"},
         verdicts={1: "misbound", 2: "misbound"},
+        failing_on=("all",),
+    ),
+    Case(
+        "hot-unplug under virtio-iommu leaves an address space: iommu-as-order says before",
+        # QMP over TCP: no command line, so the address-space order decides alone. The
+        # unplugged device's virtio-iommu space (devfn 0 behind its root port) stays, and
+        # the rule takes a "-0" space for one only machine-done creates: hostdev0, realized
+        # after the vIOMMU (0 bytes mapped), gets QG001
+        Scenario(
+            "q35",
+            (
+                virtio(addr="e.0"),
+                Device("pci-bridge", "pb", (("bus", "pcie.0"), ("addr", "8.0"), ("chassis_nr", 9))),
+                port("rp1", 1, "1c.0"),
+                vfio(1, "hostdev1", "rp1"),
+                vfio(2, "hostdev0", "pb", "3.0"),
+            ),
+            monitor="qmp-tcp",
+            hotplug=(HotOp("del", 1),),
+        ),
+        truth={2: "translated"},
         failing_on=("all",),
     ),
 ]

@@ -112,6 +112,8 @@ class Scenario:
     #: other options as managers write them (before the devices); "{work}" is the run's
     #: directory
     extra: tuple[str, ...] = ()
+    cfg_relative: bool = False  # -readconfig NAME, relative to QEMU's working directory
+    cfg_deleted: bool = False  # the -readconfig files are gone by inspection time
 
     # ------------------------------------------------------------ derived facts
 
@@ -227,6 +229,10 @@ class Scenario:
             tags.append("implicit-device")
         if self.extra:
             tags.append("extra-options")
+        if self.cfg_runs() and self.cfg_relative:
+            tags.append("readconfig-relative")
+        if self.cfg_runs() and self.cfg_deleted:
+            tags.append("readconfig-deleted")
         dels = {op.id for op in self.hotplug if op.action == "del"}
         if any(op.action == "add" and op.id is not None for op in self.hotplug) and dels:
             tags.append("replug")
@@ -345,6 +351,7 @@ class Rendered:
     links: dict[Path, str] = field(default_factory=dict)
     target: str = ""
     harness_args: list[str] = field(default_factory=list)  # appended: setup monitor, trace
+    cwd: Path | None = None  # QEMU's working directory (relative -readconfig paths)
 
 
 def _kv_value(v: Value) -> str:
@@ -498,7 +505,7 @@ def render(s: Scenario, ctx: RenderContext) -> Rendered:
             if id(dev) in firsts:
                 n = firsts[id(dev)]
                 cfg = ctx.workdir / s.cfg_file(n)
-                argv += ["-readconfig", str(cfg)]
+                argv += ["-readconfig", s.cfg_file(n) if s.cfg_relative else str(cfg)]
                 files[cfg] = render_readconfig(runs[n], ctx, s.cfg_style)
             continue
         argv += ["--device" if dev.long_option else "-device", render_device(dev, ctx)]
@@ -518,7 +525,7 @@ def render(s: Scenario, ctx: RenderContext) -> Rendered:
         harness += ["-accel", "tcg"]
     if s.unplugs:
         harness += ["-qtest", f"unix:{ctx.qtest_socket},server=on,wait=off"]
-    return Rendered(argv + harness, env, files, links, target, harness)
+    return Rendered(argv + harness, env, files, links, target, harness, ctx.workdir)
 
 
 SETUP_FD = 4  # the test's own monitor, listening before QEMU runs (as in QemuProcess)

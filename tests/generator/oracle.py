@@ -10,13 +10,16 @@ not translatable at all (bypass bus, no vIOMMU on its path) and `ok` is right; (
 `misbound` for a translated device; (c) every vfio device is in the report; (d)
 `unverified` only with a stated reason; (e) the inspection never fails on a valid VM.
 Also checked: `misbound` (QG001, "reorder the options") for a device that maps all RAM
-even with the vIOMMU first is a false alarm (misbound-untranslatable).
+even with the vIOMMU first is a false alarm (misbound-untranslatable); and every evidence
+source's own conclusion must match the DMA log (evidence-wrong), even when other sources
+outvote it into a conflict: on a VM where they cannot speak, it would decide alone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +34,7 @@ CLASSES = (
     "unverified-without-reason",
     "inspection-error",
     "misbound-untranslatable",  # beyond the brief: QG001 where reordering cannot help
+    "evidence-wrong",  # beyond the brief: one source concluded against the DMA log
 )
 
 
@@ -75,6 +79,20 @@ class Outcome:
 
     def classes(self) -> set[str]:
         return {d.cls for d in self.disagreements}
+
+
+def _wrong_sources(
+    entry: dict[str, Any], truth: Truth, reference: Callable[[], Truth | None]
+) -> list[str]:
+    """Evidence sources whose conclusion contradicts the DMA log."""
+    out = []
+    for e in entry["order"]["evidence"]:
+        said = e.get("conclusion")
+        if said == "before" and truth == "translated":
+            out.append(f"{e['source']} said before: {e['detail']}")
+        elif said == "after" and truth == "all-ram" and reference() == "translated":
+            out.append(f"{e['source']} said after: {e['detail']}")
+    return out
 
 
 def _report_device(doc: dict[str, Any], dev: VfioPresent) -> dict[str, Any] | None:
@@ -159,6 +177,19 @@ def judge(scn: Scenario, run: RunResult, reference: Callable[[Scenario], RunResu
             out.disagreements.append(
                 Disagreement("unverified-without-reason", v.path, str(entry["order"]))
             )
+        if entry is not None:
+            # every source's own conclusion must agree with the DMA log too: one that
+            # contradicts it is only outvoted today (a conflict), and decides alone on a
+            # VM where the others cannot speak
+            wrong = _wrong_sources(entry, truth, partial(reference_truth, v.group, v.path))
+            if wrong:
+                out.disagreements.append(
+                    Disagreement(
+                        "evidence-wrong",
+                        v.path,
+                        f"{truth} by the DMA log, verdict {verdict}; " + "; ".join(wrong),
+                    )
+                )
         out.devices.append(DeviceOutcome(v.path, v.group, truth, verdict, ref_truth))
     if out.disagreements:
         out.status = "disagree"
@@ -169,6 +200,16 @@ def evaluate(scn: Scenario, qemu: QemuBinary, workdir: Path, built: Built) -> Ou
     """Run `scn` (and, only when needed, its vIOMMU-first reference) and judge it."""
     run = run_scenario(scn, qemu, workdir / "run", built)
     return judge(scn, run, lambda ref: run_scenario(ref, qemu, workdir / "reference", built))
+
+
+def _evidence(run: RunResult | None, path: str) -> list[str]:
+    """The order evidence qmpguard gave a device (for unverified ones in records)."""
+    doc = run.doc if run else None
+    dev = next((d for d in (doc or {}).get("devices", []) if d["path"] == path), None)
+    return [
+        f"{e['source']}: {e['conclusion'] or 'inconclusive'}: {e['detail']}"
+        for e in (dev or {}).get("order", {}).get("evidence", [])
+    ]
 
 
 def summary(out: Outcome) -> dict[str, Any]:
@@ -187,6 +228,7 @@ def summary(out: Outcome) -> dict[str, Any]:
                 "truth": d.truth,
                 "verdict": d.verdict,
                 "reference": d.reference,
+                **({"evidence": _evidence(run, d.path)} if d.verdict == "unverified" else {}),
             }
             for d in out.devices
         ],

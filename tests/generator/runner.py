@@ -169,6 +169,7 @@ def _start(rendered: Rendered, ctx: RenderContext, so: Path) -> subprocess.Popen
             start_new_session=True,
             close_fds=False,
             preexec_fn=listen_in_child,
+            cwd=rendered.cwd,
         )
 
 
@@ -392,6 +393,10 @@ async def _drive(
     result = RunResult(rendered.argv, "ran")
     client = await _setup_client(ctx, proc)
     try:
+        if scn.cfg_deleted:  # QEMU has read them; qmpguard finds them gone
+            for path in rendered.files:
+                if path.suffix == ".cfg":
+                    path.unlink()
         if scn.guest:
             await wait_guest_translation(ctx, proc)
         await _play(scn, ctx, client, proc)

@@ -324,6 +324,8 @@ def hand_scenarios(draw: Any, unusual_ids: bool = True, hot: bool = False) -> Sc
         # never reaches the guest: it loads the system's UI modules and stalls)
         nodefaults=model == "intel" or draw(st.integers(0, 4)) > 0,
         cfg_style=draw(st.sampled_from(["plain", "plain", "tabs", "tight", "wide"])),
+        cfg_relative=draw(st.integers(0, 3)) == 0,
+        cfg_deleted=draw(st.integers(0, 5)) == 0,
         extra=_extras(draw, not any(n.driver in ("pxb", "pxb-pcie") for n in b.nodes)),
     )
 
