@@ -13,14 +13,22 @@ from typing import NoReturn
 from qmpguard import __version__
 from qmpguard.daemon import command as daemon_command
 from qmpguard.daemon.settings import CONCURRENCY, TIMEOUT, Bounds, number_problem
+from qmpguard.defaults import (
+    COMMAND_TIMEOUT_S,
+    GREETING_TIMEOUT_S,
+    INSPECTIONS_AT_ONCE,
+    TARGET_TIMEOUT_S,
+)
 from qmpguard.discovery import command as discover_command
-from qmpguard.inspect import TargetResult, analyse_snapshot, inspect_many, snapshot_target
+from qmpguard.errors import ErrorReason, InspectionError
+from qmpguard.inspect import analyse_snapshot, inspect_many, snapshot_target
 from qmpguard.logs import configure_logging
+from qmpguard.qmp.guard import Timeouts
 from qmpguard.qmp.libvirt import running_domains
-from qmpguard.qmp.transport import ErrorReason, InspectionError, Timeouts
 from qmpguard.report.document import EXIT_UNKNOWN, exit_code, report_json
 from qmpguard.report.table import render_report
 from qmpguard.report.tree import render_tree
+from qmpguard.result import TargetResult
 from qmpguard.snapshot import (
     SnapshotError,
     UnsupportedSnapshot,
@@ -72,21 +80,21 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--greeting-timeout",
         type=bounded(TIMEOUT),
-        default=2.0,
+        default=GREETING_TIMEOUT_S,
         metavar="S",
         help="seconds to wait for the QMP greeting (default 2)",
     )
     p.add_argument(
         "--command-timeout",
         type=bounded(TIMEOUT),
-        default=5.0,
+        default=COMMAND_TIMEOUT_S,
         metavar="S",
         help="seconds to wait for each reply (default 5)",
     )
     p.add_argument(
         "--timeout",
         type=bounded(TIMEOUT),
-        default=20.0,
+        default=TARGET_TIMEOUT_S,
         metavar="S",
         help="seconds for one whole target (default 20)",
     )
@@ -128,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--concurrency",
         type=bounded(CONCURRENCY),
-        default=16,
+        default=INSPECTIONS_AT_ONCE,
         metavar="N",
         help="targets inspected at once, 1 to 1024 (default 16)",
     )

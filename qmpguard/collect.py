@@ -16,8 +16,9 @@ from typing import Any
 from qmpguard.analysis.identity import pve_config_path, pve_vmid
 from qmpguard.analysis.reads import missing_reads
 from qmpguard.analysis.shape import ReplyShapeError
+from qmpguard.errors import CommandFailed, InspectionError
 from qmpguard.process import read_command_line_files, read_small_text
-from qmpguard.qmp.transport import CommandFailed, InspectionError, Session
+from qmpguard.qmp.transport import Session
 from qmpguard.snapshot import Snapshot
 
 

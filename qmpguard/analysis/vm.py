@@ -28,6 +28,9 @@ class DeviceAnalysis:
     bdf: str | None
 
 
+UNNAMED = VmIdentity("unnamed VM")
+
+
 @dataclass(frozen=True)
 class VmFacts:
     """What is known about one VM before any verdict, from a live snapshot or from a
@@ -40,7 +43,7 @@ class VmFacts:
     bindings: dict[str, ExpectedBinding]
     order: OrderContext
     bdfs: dict[str, str]
-    identity: VmIdentity = VmIdentity("unnamed VM")
+    identity: VmIdentity = UNNAMED
 
 
 @dataclass(frozen=True)

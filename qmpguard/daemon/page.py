@@ -12,9 +12,9 @@ import html
 from urllib.parse import quote
 
 from qmpguard.analysis.model import Severity, Verdict
-from qmpguard.inspect import TargetResult
 from qmpguard.report.document import target_findings
 from qmpguard.report.tree import TreeRow, tree_rows
+from qmpguard.result import TargetResult
 
 ROW_H, INDENT, WIDTH = 30, 26, 980
 SPACE_FILLS = ["#ffd8a8", "#d0bfff", "#b2f2bb", "#ffc9c9", "#a5d8ff", "#fcc2d7"]

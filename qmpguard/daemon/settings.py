@@ -11,12 +11,21 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from qmpguard.defaults import (
+    COMMAND_TIMEOUT_S,
+    GREETING_TIMEOUT_S,
+    INSPECTIONS_AT_ONCE,
+    TARGET_TIMEOUT_S,
+)
 from qmpguard.discovery.scan import SOURCES as DISCOVERY_SOURCES
 from qmpguard.files import KIB, MIB, InputFileError, read_text_bounded
 from qmpguard.targets import TargetError, parse_target
 
 DEFAULT_WATCH = ("/run/qemu/*.qmp", "/var/run/qemu-server/*.qmp")
-DEFAULT_LISTEN = "127.0.0.1:9464"
+#: 10469: outside the Prometheus default-port allocation list's 9100-9999 block (full
+#: since 2023) and unused by any exporter we could find; 9464 is OpenTelemetry's.
+DEFAULT_PORT = 10469
+DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 MAX_CONFIG_BYTES = 1 * MIB
 MAX_TOKEN_BYTES = 4 * KIB
 
@@ -93,13 +102,15 @@ class Settings:
     listen: str = DEFAULT_LISTEN
     interval: float = 60.0
     rescan_interval: float = 2.0
-    concurrency: int = 16
-    greeting_timeout: float = 2.0
-    command_timeout: float = 5.0
-    target_timeout: float = 20.0
+    concurrency: int = INSPECTIONS_AT_ONCE
+    greeting_timeout: float = GREETING_TIMEOUT_S
+    command_timeout: float = COMMAND_TIMEOUT_S
+    target_timeout: float = TARGET_TIMEOUT_S
     token: str | None = field(default=None, repr=False)
     tls_cert: str | None = None
     tls_key: str | None = None
+    #: Serve beyond loopback without a token anyway (otherwise the daemon refuses).
+    allow_unauthenticated: bool = False
 
     @property
     def listen_host_port(self) -> tuple[str, int]:
@@ -203,11 +214,14 @@ def _static_target(table: dict[str, Any]) -> StaticTarget:
     if not isinstance(address, str):
         raise ValueError("[[target]] needs 'address' (a target string)")
     try:
-        parse_target(address)
+        target = parse_target(address)
     except TargetError as exc:
         raise ValueError(f"[[target]] 'address': {exc}") from None
     if not isinstance(hold, bool):
         raise ValueError("[[target]] 'hold' must be true or false")
+    if hold and target.kind == "libvirt":
+        # libvirt keeps the monitor itself and has no event stream we could hold open
+        raise ValueError(f"[[target]] {address}: 'hold' needs a QMP socket, not a libvirt: target")
     return StaticTarget(address, hold)
 
 
@@ -227,13 +241,18 @@ def _timeouts(table: Any) -> dict[str, float]:
     return out
 
 
-def _http(table: Any) -> dict[str, str]:
+def _http(table: Any) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise ValueError("'http' must be a table")
-    out: dict[str, str] = {}
+    out: dict[str, Any] = {}
     for k, v in table.items():
-        if k not in ("token_file", "tls_cert", "tls_key"):
+        if k not in ("token_file", "tls_cert", "tls_key", "allow_unauthenticated"):
             raise ValueError(f"unknown key 'http.{k}'")
+        if k == "allow_unauthenticated":
+            if not isinstance(v, bool):
+                raise ValueError("'http.allow_unauthenticated' must be true or false")
+            out[k] = v
+            continue
         if not isinstance(v, str) or not v:
             raise ValueError(f"'http.{k}' must be a path")
         if k == "token_file":

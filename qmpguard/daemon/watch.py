@@ -26,13 +26,16 @@ import structlog
 from prometheus_client import Histogram
 from qemu.qmp import EventListener
 
-from qmpguard.collect import collect
+from qmpguard.daemon.gate import Gate
 from qmpguard.daemon.results import ResultStore
 from qmpguard.daemon.settings import Settings
 from qmpguard.discovery import ProcessTargets
-from qmpguard.inspect import TargetResult, analyse_snapshot, inspect_target
+from qmpguard.errors import ErrorReason, InspectionError
+from qmpguard.inspect import inspect_session, inspect_target
+from qmpguard.qmp.guard import Timeouts
 from qmpguard.qmp.libvirt import running_domains
-from qmpguard.qmp.transport import ErrorReason, InspectionError, Timeouts, open_session
+from qmpguard.qmp.transport import open_session
+from qmpguard.result import TargetResult
 from qmpguard.targets import Target, parse_target
 
 log = structlog.get_logger("qmpguard.daemon")
@@ -172,9 +175,34 @@ class Scheduler:
         self.session = session
         self.pause = pause
         self.watched: dict[str, Watched] = {}
-        self.gate = asyncio.Semaphore(settings.concurrency)
+        self.gate = Gate(settings.concurrency)
         self._libvirt_errors: set[str] = set()
         self._processes = ProcessTargets()
+
+    # ---------------------------------------------------------------- settings
+    @property
+    def interval(self) -> float:
+        return self.settings.interval
+
+    @property
+    def concurrency(self) -> int:
+        return self.gate.size
+
+    @property
+    def in_progress(self) -> int:
+        return self.gate.busy
+
+    def reconfigure(self, new: Settings) -> None:
+        """Apply reloaded settings: discovery, timeouts and the interval are read from
+        `settings` at each use; the gate is resized at once; a shorter interval wakes
+        every VM (else each would first sleep out the old one). New, changed and gone
+        targets follow at the next rescan, which the caller triggers."""
+        old, self.settings = self.settings, new
+        if new.concurrency != self.gate.size:
+            self.gate.resize(new.concurrency)
+        if new.interval < old.interval:
+            for entry in self.watched.values():
+                entry.poke.set()
 
     # ---------------------------------------------------------------- discovery
     async def discover(self) -> dict[str, tuple[Target, str, bool]]:
@@ -211,6 +239,8 @@ class Scheduler:
         for name, (target, source, hold) in found.items():
             ident = socket_identity(target.address) if target.kind == "unix" else None
             entry = self.watched.get(name)
+            if entry is not None:
+                entry.patterns = self.settings.watch  # still found under the globs in force
             if entry is None:
                 entry = Watched(target, source, hold, ident, self.settings.watch)
                 self.watched[name] = entry
@@ -220,6 +250,11 @@ class Scheduler:
                 # Same path, new socket: a new QEMU. Forget the old verdicts, look now.
                 entry.identity = ident
                 self.store.forget_result(name)
+                await self._end(entry)
+                self._start(entry)
+            elif hold != entry.hold:
+                # `hold` changed (reload): the same VM, watched the other way from now.
+                entry.hold = hold
                 await self._end(entry)
                 self._start(entry)
             elif entry.task is None or entry.task.done():
@@ -309,14 +344,19 @@ class Scheduler:
             await self._wait(entry)
 
     async def _hold_session(self, entry: Watched) -> None:
+        """Inspect over one kept session (the same inspect_session as `check`) until an
+        inspection fails; the failure is recorded and the caller reconnects."""
         async with self.session(entry.target, self._timeouts()) as session:
             session.client.register_listener(PokeListener(entry.poke))
             while True:
                 async with self.gate:
                     entry.started = time.monotonic()
-                    async with asyncio.timeout(self.settings.target_timeout):
-                        snap = await collect(session)
-                await self._record(entry, analyse_snapshot(entry.target.name, snap))
+                    result = await inspect_session(
+                        session, entry.target.name, self.settings.target_timeout
+                    )
+                await self._record(entry, result)
+                if not result.ok and result.error is not None and result.snapshot is None:
+                    return  # the session failed: reconnect after the back-off
                 await self._wait(entry)
 
     async def _attempt(self, entry: Watched, body: Callable[[Watched], Awaitable[None]]) -> None:

@@ -31,7 +31,8 @@ from qmpguard.discovery.model import (
 )
 from qmpguard.discovery.monitors import guest_name, monitors
 from qmpguard.discovery.procfs import LIBVIRT_DAEMON_SOCKETS
-from qmpguard.qmp.transport import InspectionError, refuse_libvirt_socket
+from qmpguard.errors import InspectionError
+from qmpguard.qmp.transport import refuse_libvirt_socket
 from qmpguard.targets import DEFAULT_LIBVIRT_URI, Target
 
 #: libvirt names the monitor chardev of every domain it starts `charmonitor`.

@@ -16,7 +16,8 @@ import json
 import socket
 
 from qmpguard.discovery.model import ProbeFailure, ProbeOutcome, ProbeResult
-from qmpguard.qmp.transport import InspectionError, refuse_libvirt_socket
+from qmpguard.errors import InspectionError
+from qmpguard.qmp.transport import refuse_libvirt_socket
 from qmpguard.targets import TargetError, parse_target
 
 PROBE_TIMEOUT_S = 0.5

@@ -13,18 +13,13 @@ import asyncio
 import contextlib
 import json
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from qmpguard.qmp.allowlist import check_command
-from qmpguard.qmp.transport import (
-    CommandFailed,
-    InspectionError,
-    PeerProcess,
-    Timeouts,
-    read_process_cmdline,
-)
+from qmpguard.errors import CommandFailed, ErrorReason, InspectionError
+from qmpguard.qmp.guard import GuardedSession, Timeouts
+from qmpguard.qmp.transport import PeerProcess, read_process_cmdline
 from qmpguard.targets import Target
 
 PID_DIR = "/run/libvirt/qemu"
@@ -49,8 +44,10 @@ def _libvirt_error(exc: Exception) -> str:
 
 
 @dataclass
-class LibvirtSession:
+class LibvirtSession(GuardedSession):
     """A read-only QMP session through libvirt for one domain."""
+
+    via = " through libvirt"
 
     target: Target
     timeouts: Timeouts
@@ -59,37 +56,33 @@ class LibvirtSession:
     peer: PeerProcess | None = None
     commands_sent: int = 0
 
-    async def execute(self, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
-        """Send one allow-listed command through libvirt; return its `return` value."""
-        check_command(command, arguments)
-        self.commands_sent += 1
+    async def _send(self, command: str, arguments: dict[str, Any] | None) -> Any:
         msg: dict[str, Any] = {"execute": command}
         if arguments:
-            msg["arguments"] = dict(arguments)
+            msg["arguments"] = arguments
         try:
-            async with asyncio.timeout(self.timeouts.command):
-                text = await asyncio.to_thread(
-                    self.qemu.qemuMonitorCommand, self.domain, json.dumps(msg), 0
-                )
-        except TimeoutError:
-            raise InspectionError(
-                "timeout",
-                f"{command} got no reply through libvirt within {self.timeouts.command:g}s",
-            ) from None
+            text = await asyncio.to_thread(
+                self.qemu.qemuMonitorCommand, self.domain, json.dumps(msg), 0
+            )
         except Exception as exc:  # libvirt.libvirtError and friends
-            raise InspectionError("libvirt", f"libvirt: {_libvirt_error(exc)}") from None
-        try:
-            reply = json.loads(text)
-        except (TypeError, json.JSONDecodeError, RecursionError):
-            raise InspectionError("bad-reply", f"{command}: libvirt returned non-JSON") from None
-        if not isinstance(reply, dict):
-            raise InspectionError("bad-reply", f"{command}: reply is not an object")
-        if "error" in reply:
-            err = reply["error"] if isinstance(reply["error"], dict) else {}
-            raise CommandFailed(str(err.get("class")), str(err.get("desc")))
-        if "return" not in reply:
-            raise InspectionError("bad-reply", f"{command}: reply has no 'return'")
-        return reply["return"]
+            raise InspectionError(ErrorReason.LIBVIRT, f"libvirt: {_libvirt_error(exc)}") from None
+        return _reply_value(command, text)
+
+
+def _reply_value(command: str, text: object) -> Any:
+    """The `return` of libvirt's passthrough reply; CommandFailed for QEMU's error."""
+    try:
+        reply = json.loads(text) if isinstance(text, str) else None
+    except (json.JSONDecodeError, RecursionError):
+        reply = None
+    if not isinstance(reply, dict):
+        raise InspectionError(ErrorReason.BAD_REPLY, f"{command}: libvirt returned no JSON object")
+    if "error" in reply:
+        err = reply["error"] if isinstance(reply["error"], dict) else {}
+        raise CommandFailed(str(err.get("class")), str(err.get("desc")))
+    if "return" not in reply:
+        raise InspectionError(ErrorReason.BAD_REPLY, f"{command}: reply has no 'return'")
+    return reply["return"]
 
 
 def domain_peer(name: str) -> PeerProcess:

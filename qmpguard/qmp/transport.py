@@ -15,19 +15,17 @@ import stat
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any, Protocol
 
 from qemu.qmp import ExecuteError, QMPClient
 from qemu.qmp.protocol import ConnectError
 
+from qmpguard.errors import CommandFailed, ErrorReason, InspectionError
 from qmpguard.process import is_qemu
-from qmpguard.qmp.allowlist import ForbiddenCommand, check_command
+from qmpguard.qmp.guard import GuardedSession, Timeouts
 from qmpguard.targets import Target
 
-#: Default limits, overridable per session.
-GREETING_TIMEOUT_S = 2.0
-COMMAND_TIMEOUT_S = 5.0
+#: Replies larger than this tear the connection down (qemu.qmp's read limit).
 READ_LIMIT_BYTES = 16 * 1024 * 1024
 
 _LIBVIRT_MONITOR_MARKERS = ("/libvirt/qemu/", "/libvirt/qemu-")
@@ -37,50 +35,6 @@ _LIBVIRT_MONITOR_MARKERS = ("/libvirt/qemu/", "/libvirt/qemu-")
 BACKLOG_RETRY_S = 0.05
 
 
-class ErrorReason(StrEnum):
-    """Why a target could not be inspected. The values are the `reason` label of
-    `qmpguard_inspection_errors_total` and the report's `error_reason`: a contract."""
-
-    BUSY = "busy"  # no greeting in time, or the listen backlog stayed full
-    TIMEOUT = "timeout"  # greeted, then a reply or the whole inspection took too long
-    DISCONNECTED = "disconnected"  # the peer closed the connection
-    NOT_QMP = "not-qmp"  # the peer answered, but not as a QMP server
-    NOT_A_SOCKET = "not-a-socket"  # the path is a file, directory or device
-    NO_SOCKET = "no-socket"  # nothing at the path
-    PERMISSION_DENIED = "permission-denied"
-    REFUSED = "refused"  # a socket nobody listens on (stale: QEMU gone)
-    UNREACHABLE = "unreachable"  # name resolution, routing, TCP connect timeout
-    UNSUPPORTED = "unsupported"  # the target kind needs what is not installed
-    LIBVIRT_SOCKET = "libvirt-socket"  # a libvirt-held monitor: refused on purpose
-    LIBVIRT = "libvirt"  # libvirt reported an error
-    NO_DOMAIN = "no-domain"
-    NOT_RUNNING = "not-running"
-    BAD_REPLY = "bad-reply"  # a reply of the wrong shape
-    BAD_SNAPSHOT = "bad-snapshot"  # a snapshot file that cannot be read or is corrupted
-    UNSUPPORTED_SNAPSHOT = "unsupported-snapshot"  # a snapshot schema version unknown here
-    INTERNAL = "internal"  # a qmpguard bug (e.g. a command outside the allow-list)
-
-
-class InspectionError(Exception):
-    """A target could not be inspected: an ErrorReason and a one-line message.
-
-    A string reason must be one of ErrorReason's values (ValueError otherwise).
-    """
-
-    def __init__(self, reason: ErrorReason | str, message: str) -> None:
-        super().__init__(message)
-        self.reason = ErrorReason(reason)
-        self.message = message
-
-
-@dataclass(frozen=True)
-class Timeouts:
-    """Per-session time limits, in seconds."""
-
-    greeting: float = GREETING_TIMEOUT_S
-    command: float = COMMAND_TIMEOUT_S
-
-
 @dataclass
 class PeerProcess:
     """The QEMU process behind a local socket, as far as it could be read."""
@@ -88,15 +42,6 @@ class PeerProcess:
     pid: int | None = None
     cmdline: list[str] | None = None
     error: str | None = None
-
-
-class CommandFailed(Exception):
-    """QEMU answered a command with an error reply (kept in the snapshot, not fatal)."""
-
-    def __init__(self, error_class: str, desc: str) -> None:
-        super().__init__(f"{error_class}: {desc}")
-        self.error_class = error_class
-        self.desc = desc
 
 
 def refuse_libvirt_socket(path: str) -> None:
@@ -151,7 +96,7 @@ class Session(Protocol):
 
 
 @dataclass
-class QMPSession:
+class QMPSession(GuardedSession):
     """One connected, read-only QMP session. Use `async with open_session(...)`."""
 
     target: Target
@@ -160,25 +105,12 @@ class QMPSession:
     peer: PeerProcess | None = None
     commands_sent: int = 0
 
-    async def execute(self, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
-        """Send one allow-listed command; return its `return` value.
-
-        Raises CommandFailed for an error reply, InspectionError when the session fails.
-        """
-        check_command(command, arguments)
-        self.commands_sent += 1
+    async def _send(self, command: str, arguments: dict[str, Any] | None) -> Any:
         try:
-            async with asyncio.timeout(self.timeouts.command):
-                return await self.client.execute(command, dict(arguments) if arguments else None)
+            return await self.client.execute(command, arguments)
         except ExecuteError as exc:
             err = exc.error.error
             raise CommandFailed(str(err.class_), str(err.desc)) from None
-        except TimeoutError:
-            raise InspectionError(
-                ErrorReason.TIMEOUT, f"{command} got no reply within {self.timeouts.command:g}s"
-            ) from None
-        except ForbiddenCommand:
-            raise
         except Exception as exc:  # qemu.qmp raises assorted types when the peer goes away
             raise InspectionError(
                 ErrorReason.DISCONNECTED, f"connection lost during {command}: {_describe(exc)}"

@@ -8,7 +8,7 @@ from qmpguard.analysis.findings import Finding
 from qmpguard.analysis.identity import VmIdentity
 from qmpguard.analysis.model import Severity
 from qmpguard.analysis.vm import DeviceAnalysis
-from qmpguard.inspect import TargetResult
+from qmpguard.result import TargetResult
 
 SCHEMA = "qmpguard.report/1"
 

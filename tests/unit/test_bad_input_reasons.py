@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from qmpguard.errors import ErrorReason, InspectionError
 from qmpguard.inspect import inspect_target
-from qmpguard.qmp.transport import ErrorReason, InspectionError
 from qmpguard.targets import parse_target
 
 

@@ -19,13 +19,13 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "config.example.toml"
 
 def test_defaults() -> None:
     s = Settings()
-    assert s.listen == "127.0.0.1:9464" and s.interval == 60
+    assert s.listen == "127.0.0.1:10469" and s.interval == 60
     assert "/run/qemu/*.qmp" in s.watch and "/var/run/qemu-server/*.qmp" in s.watch
 
 
 def test_example_config_is_valid() -> None:
     s = settings_from_toml(EXAMPLE.read_text(), "example")
-    assert s.listen == "127.0.0.1:9464"
+    assert s.listen == "127.0.0.1:10469"
 
 
 def test_full_config() -> None:
@@ -75,3 +75,9 @@ def test_command_line_overrides_file(tmp_path: Path) -> None:
     assert s.watch == ("/b/*.qmp",) and s.interval == 30
     with pytest.raises(ConfigError, match="command line"):
         load_settings(None, {"listen": "bad"})
+
+
+def test_hold_on_a_libvirt_target_is_refused() -> None:
+    """hold = true needs qmpguard's own QMP session; libvirt holds the monitor itself."""
+    with pytest.raises(ConfigError, match="'hold' needs a QMP socket"):
+        settings_from_toml('[[target]]\naddress = "libvirt:vm1"\nhold = true\n', "c.toml")

@@ -21,7 +21,7 @@ import structlog
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from qmpguard.daemon import watch
+import qmpguard.inspect as inspection
 from qmpguard.daemon.exporter import build_registry
 from qmpguard.daemon.results import ResultStore
 from qmpguard.daemon.settings import Settings
@@ -34,8 +34,9 @@ from qmpguard.daemon.watch import (
     describe_fault,
     fault_kind,
 )
-from qmpguard.inspect import TargetResult, analyse_snapshot
-from qmpguard.qmp.transport import InspectionError
+from qmpguard.errors import InspectionError
+from qmpguard.inspect import analyse_snapshot
+from qmpguard.result import TargetResult
 from qmpguard.snapshot import Snapshot, load_snapshot
 from qmpguard.targets import Target
 
@@ -231,7 +232,7 @@ def monkeypatch_collect() -> Iterator[None]:
         async def collect(_: Any) -> Snapshot:
             return replace(SNAPSHOT, target=TARGET.name)
 
-        mp.setattr(watch, "collect", collect)
+        mp.setattr(inspection, "collect", collect)  # the one inspection step held mode uses
         yield
 
 
