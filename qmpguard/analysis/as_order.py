@@ -91,6 +91,22 @@ def early_devfns(
     return early
 
 
+def unexplained_devfns(
+    seq: Sequence, groups: dict[Requester, list[PciDevice]], naming: SpaceNaming
+) -> set[int]:
+    """devfns with more spaces than present requesters (and the vIOMMU's own) explain.
+
+    QEMU keeps a vIOMMU's address spaces after a device is unplugged, and names carry no
+    bus: such a space could be anyone's, early or late, so it proves nothing.
+    """
+    wanted: dict[int, int] = {}
+    for key in groups:
+        wanted[key.devfn] = wanted.get(key.devfn, 0) + 1
+    if naming.own_space_devfn is not None:
+        wanted[naming.own_space_devfn] = wanted.get(naming.own_space_devfn, 0) + 1
+    return {s.devfn for s in seq.spaces if len(seq.named(s.devfn)) > wanted.get(s.devfn, 0)}
+
+
 def intruder_rule(
     seq: Sequence, me: IommuSpace, early: set[int], naming: SpaceNaming, label: str
 ) -> Evidence | None:
@@ -194,7 +210,7 @@ def as_order_evidence(
     if len(found) != 1 or sum(k.devfn == mine.devfn for k in groups) != 1:
         return _undecided(f"{len(found)} address spaces are named {name}: ambiguous")
     me = found[0]
-    early = early_devfns(groups, mine, naming)
+    early = early_devfns(groups, mine, naming) | unexplained_devfns(seq, groups, naming)
     ctx = AsOrderInput(topo, groups, seq, naming, dev.label, viommu.label)
     decided = intruder_rule(seq, me, early, naming, dev.label) or latecomer_rule(
         ctx, me, mine, early

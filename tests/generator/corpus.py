@@ -37,18 +37,7 @@ class KnownOpen:
     classes: frozenset[str]  # disagreement classes it explains
 
 
-KNOWN_OPEN: list[KnownOpen] = [
-    KnownOpen(
-        "hot-unplug under virtio-iommu leaves an address space: iommu-as-order says before",
-        lambda s: s.viommu_model == "virtio" and s.unplugs,
-        frozenset({"evidence-wrong", "wrong-misbound"}),
-    ),
-    KnownOpen(
-        "QMP monitor that pretty-prints (-qmp-pretty)",
-        lambda s: s.monitor == "qmp-pretty",
-        frozenset({"inspection-error"}),
-    ),
-]
+KNOWN_OPEN: list[KnownOpen] = []
 
 
 def known_open(scn: Scenario, classes: set[str]) -> KnownOpen | None:
@@ -317,6 +306,5 @@ CASES: list[Case] = [
             hotplug=(HotOp("del", 1),),
         ),
         truth={2: "translated"},
-        failing_on=("all",),
     ),
 ]

@@ -18,6 +18,7 @@ from qmpguard.analysis.as_order import (
     latecomer_rule,
     observed_sequence,
     processed_before,
+    unexplained_devfns,
 )
 from qmpguard.analysis.binding import ExpectedBinding, Requester
 from qmpguard.analysis.model import BindingKind, Relative
@@ -589,3 +590,24 @@ def test_amd_spaces_are_read_from_the_as_name() -> None:
         for i, d in enumerate((160, 72, 0, 8))
     ]
     assert [s.devfn for s in observed_sequence(rows, naming).spaces] == [160, 72, 0, 8]
+
+
+# ------------------------------------------------------------------ unexplained_devfns
+
+
+@pytest.mark.parametrize(
+    ("name", "spaces", "requesters", "unexplained"),
+    [
+        ("one space per requester", [df(0), df(8)], [df(0), df(8)], set()),
+        # a device unplugged from behind a root port left its "-0" space; the q35 host
+        # bridge at 00.0 explains only one of the two
+        ("stale space after an unplug", [df(0), df(8), df(0)], [df(0), df(8)], {df(0)}),
+        ("a space nobody present explains", [df(3)], [df(8)], {df(3)}),
+    ],
+)
+def test_unexplained_devfns(
+    name: str, spaces: list[int], requesters: list[int], unexplained: set[int]
+) -> None:
+    sequence = seq(*((0, rank, d) for rank, d in enumerate(spaces)), global_rank=True)
+    groups = {Requester(f"{ROOT}/b{i}", d): [pci(f"d{i}")] for i, d in enumerate(requesters)}
+    assert unexplained_devfns(sequence, groups, VIRTIO) == unexplained, name
