@@ -12,7 +12,8 @@ PACKAGES=(
   seabios ipxe-qemu                 # firmware for running (non -S) test VMs
   gcc libc6-dev                     # builds the demo's VFIO emulation and tiny guest
   python3 python3-venv python3-dev  # the virtualenv
-  prometheus                        # promtool validates deploy/ alerting rules
+  prometheus                        # promtool and a real server test deploy/'s rules and dashboard
+  prometheus-alertmanager           # amtool validates deploy/alertmanager.yml
   libvirt-daemon-system libvirt-clients  # a real libvirtd for the libvirt tests
   libvirt-dev pkg-config            # to build libvirt-python (qmpguard[libvirt])
   chromium chromium-driver          # headless browser test of the daemon's topology page

@@ -26,6 +26,8 @@ from qmpguard.logs import configure_logging
 from qmpguard.qmp.guard import Timeouts
 from qmpguard.qmp.libvirt import running_domains
 from qmpguard.report.document import EXIT_UNKNOWN, exit_code, report_json
+from qmpguard.report.exposition import render_prometheus, write_text_atomically
+from qmpguard.report.nagios import render_nagios
 from qmpguard.report.table import render_report
 from qmpguard.report.tree import render_tree
 from qmpguard.result import TargetResult
@@ -128,10 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument(
         "--format",
-        choices=["table", "json", "tree"],
+        choices=["table", "json", "tree", "nagios", "prometheus"],
         default="table",
-        help="table (default), json (qmpguard.report/1), or tree (the PCI "
-        "topology with DMA spaces; colour on a TTY unless NO_COLOR is set)",
+        help="table (default), json (qmpguard.report/1), tree (the PCI "
+        "topology with DMA spaces; colour on a TTY unless NO_COLOR is set), nagios "
+        "(status line and perfdata first: a Nagios/Icinga check) or prometheus (text "
+        "exposition with the daemon's metric names, for node_exporter's textfile collector)",
+    )
+    check.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="write the report to FILE atomically (write, then rename) instead of stdout",
     )
     check.add_argument(
         "--concurrency",
@@ -204,10 +214,27 @@ def cmd_check(args: argparse.Namespace) -> int:
         report = json.dumps(report_json(results), indent=2) + "\n"
     elif args.format == "tree":
         report = render_tree(results)
+    elif args.format == "nagios":
+        report = render_nagios(results)
+    elif args.format == "prometheus":
+        report = render_prometheus(results)
     else:
         report = render_report(results)
     verdict = exit_code(results)
+    if args.output is not None:
+        return verdict if write_report_file(args.output, report) else EXIT_UNKNOWN
     return verdict if write_stdout(report) else EXIT_UNKNOWN
+
+
+def write_report_file(path: str, text: str) -> bool:
+    """The report into `path`, atomically (a textfile collector never reads half a file);
+    False (one line on stderr) if it cannot be written."""
+    try:
+        write_text_atomically(path, text)
+    except OSError as exc:
+        print(f"qmpguard: error: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
+        return False
+    return True
 
 
 def _stdout_gone() -> None:

@@ -12,7 +12,21 @@ from typing import Any
 
 import structlog
 
-from qmpguard.daemon.settings import ConfigError, Settings, StaticTarget, load_settings
+from qmpguard.daemon.reload import (
+    SECRET,
+    changed_settings,
+    exposure_problem,
+    is_loopback,
+    not_applied,
+    tls_context,
+)
+from qmpguard.daemon.settings import (
+    DEFAULT_LISTEN,
+    ConfigError,
+    Settings,
+    StaticTarget,
+    load_settings,
+)
 from qmpguard.logs import configure_logging
 
 log = structlog.get_logger("qmpguard.daemon")
@@ -37,12 +51,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         metavar="TARGET",
         help="a target to always inspect (repeatable)",
     )
-    p.add_argument("--listen", metavar="HOST:PORT", help="HTTP address (default 127.0.0.1:9464)")
+    p.add_argument("--listen", metavar="HOST:PORT", help=f"HTTP address (default {DEFAULT_LISTEN})")
     p.add_argument(
         "--interval",
         type=float,
         metavar="SECONDS",
         help="re-inspection interval (default 60, jittered)",
+    )
+    p.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="serve beyond loopback without a token (refused otherwise)",
     )
     p.add_argument("--log-format", choices=["auto", "console", "json"], default="auto")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -54,6 +73,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "targets": tuple(StaticTarget(t) for t in args.target),
         "listen": args.listen,
         "interval": args.interval,
+        "allow_unauthenticated": args.allow_unauthenticated or None,  # absent: the file's
     }
 
 
@@ -65,8 +85,18 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"qmpguard: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    loopback = is_loopback(settings.listen_host_port[0])
+    problem = exposure_problem(settings, loopback)
+    if problem is not None:
+        print(f"qmpguard: error: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
     try:
-        return asyncio.run(_serve(settings, args))
+        tls = tls_context(settings)
+    except (OSError, ssl.SSLError) as exc:
+        print(f"qmpguard: error: cannot use the TLS certificate or key: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        return asyncio.run(_serve(settings, args, tls, loopback))
     except OSError as exc:
         print(
             f"qmpguard: error: cannot serve on {settings.listen}: {exc.strerror}", file=sys.stderr
@@ -74,9 +104,11 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
 
 
-async def _serve(settings: Settings, args: argparse.Namespace) -> int:
+async def _serve(
+    settings: Settings, args: argparse.Namespace, tls: ssl.SSLContext | None, loopback: bool
+) -> int:
     # Imported here: `qmpguard check` should not pay for aiohttp and prometheus_client.
-    from qmpguard.daemon.exporter import build_registry
+    from qmpguard.daemon.exporter import ScheduleCollector, build_registry
     from qmpguard.daemon.results import ResultStore
     from qmpguard.daemon.watch import Scheduler
     from qmpguard.daemon.web import build_app, start_http
@@ -84,14 +116,18 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
     store = ResultStore()
     registry, duration = build_registry(store)
     scheduler = Scheduler(settings, store, duration)
-    app = build_app(store, registry, settings.token)
-    tls = None
-    if settings.tls_cert and settings.tls_key:
-        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        tls.load_cert_chain(settings.tls_cert, settings.tls_key)
+    registry.register(ScheduleCollector(scheduler))
+    # The token is looked up per request: a reload replaces scheduler.settings.
+    app = build_app(store, registry, lambda: scheduler.settings.token)
     host, port = settings.listen_host_port
     http = await start_http(app, host, port, tls, registry)  # capped, with deadlines
     log.info("listening", address=settings.listen, tls=tls is not None)
+    if not loopback and settings.token is None:
+        log.warning(
+            "http_unauthenticated",
+            address=settings.listen,
+            reason="beyond loopback without a token (allow_unauthenticated)",
+        )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -102,12 +138,21 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
     reload_tasks: set[asyncio.Task[None]] = set()
 
     async def reload() -> None:
-        # The file is read in a thread (bounded, never a FIFO): the event loop keeps serving.
+        # Files are read in a thread (bounded, never a FIFO): the event loop keeps serving.
+        # Every check passes before anything is applied: a bad file changes nothing.
         async with reloading:
             try:
                 new = await asyncio.to_thread(load_settings, args.config, _overrides(args))
+                new_tls = await asyncio.to_thread(tls_context, new)
             except ConfigError as exc:
                 log.error("config_reload_failed", error=str(exc), keeping="previous config")
+                return
+            except (OSError, ssl.SSLError) as exc:
+                log.error(
+                    "config_reload_failed",
+                    error=f"cannot use the TLS certificate or key: {exc}",
+                    keeping="previous config",
+                )
                 return
             except Exception as exc:  # a reload must never take the daemon down
                 log.error(
@@ -116,10 +161,32 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
                     keeping="previous config",
                 )
                 return
-            if new.listen != scheduler.settings.listen:
-                log.warning("config_listen_unchanged", reason="changing 'listen' needs a restart")
-            scheduler.settings = new
-            log.info("config_reloaded", watch=list(new.watch), targets=len(new.targets))
+            old = scheduler.settings
+            problem = exposure_problem(new, loopback) if old.listen == new.listen else None
+            if problem is not None:  # the address we keep serving on decides
+                log.error("config_reload_failed", error=problem, keeping="previous config")
+                return
+            scheduler.reconfigure(new)
+            http.limiter.tls = new_tls  # new connections; open ones keep their session
+            changed = changed_settings(old, new)
+            log.info(
+                "config_reloaded",
+                changed=changed,
+                watch=list(new.watch),
+                targets=len(new.targets),
+                interval=new.interval,
+                concurrency=new.concurrency,
+                tls=new_tls is not None,
+                token=new.token is not None,
+            )
+            pending = not_applied(old, new)
+            if pending:  # one line naming what this reload could not (fully) apply
+                log.warning(
+                    "config_needs_restart",
+                    settings=sorted(pending),
+                    running={k: getattr(old, k) for k in pending if k not in SECRET},
+                    reasons=pending,
+                )
             scheduler_wakeup.set()
 
     def on_sighup() -> None:

@@ -22,7 +22,10 @@ from qmpguard.files import KIB, MIB, InputFileError, read_text_bounded
 from qmpguard.targets import TargetError, parse_target
 
 DEFAULT_WATCH = ("/run/qemu/*.qmp", "/var/run/qemu-server/*.qmp")
-DEFAULT_LISTEN = "127.0.0.1:9464"
+#: 10469: outside the Prometheus default-port allocation list's 9100-9999 block (full
+#: since 2023) and unused by any exporter we could find; 9464 is OpenTelemetry's.
+DEFAULT_PORT = 10469
+DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 MAX_CONFIG_BYTES = 1 * MIB
 MAX_TOKEN_BYTES = 4 * KIB
 
@@ -106,6 +109,8 @@ class Settings:
     token: str | None = field(default=None, repr=False)
     tls_cert: str | None = None
     tls_key: str | None = None
+    #: Serve beyond loopback without a token anyway (otherwise the daemon refuses).
+    allow_unauthenticated: bool = False
 
     @property
     def listen_host_port(self) -> tuple[str, int]:
@@ -236,13 +241,18 @@ def _timeouts(table: Any) -> dict[str, float]:
     return out
 
 
-def _http(table: Any) -> dict[str, str]:
+def _http(table: Any) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise ValueError("'http' must be a table")
-    out: dict[str, str] = {}
+    out: dict[str, Any] = {}
     for k, v in table.items():
-        if k not in ("token_file", "tls_cert", "tls_key"):
+        if k not in ("token_file", "tls_cert", "tls_key", "allow_unauthenticated"):
             raise ValueError(f"unknown key 'http.{k}'")
+        if k == "allow_unauthenticated":
+            if not isinstance(v, bool):
+                raise ValueError("'http.allow_unauthenticated' must be true or false")
+            out[k] = v
+            continue
         if not isinstance(v, str) or not v:
             raise ValueError(f"'http.{k}' must be a path")
         if k == "token_file":

@@ -367,15 +367,21 @@ async def start_http(
 
 
 def build_app(
-    store: ResultStore, registry: CollectorRegistry, token: str | None
+    store: ResultStore,
+    registry: CollectorRegistry,
+    token: str | Callable[[], str | None] | None,
 ) -> web.Application:
-    """The aiohttp application; with `token`, every path but /healthz needs it."""
+    """The aiohttp application; with a token, every path but /healthz needs it. A
+    callable `token` is asked on every request: a reload (SIGHUP) changes it at once."""
+    fixed = None if callable(token) else token
+    current_token: Callable[[], str | None] = token if callable(token) else (lambda: fixed)
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if token is not None and request.path not in PUBLIC:
+        required = current_token()
+        if required is not None and request.path not in PUBLIC:
             given = request.headers.get("Authorization", "")
-            expected = f"Bearer {token}"
+            expected = f"Bearer {required}"
             if not hmac.compare_digest(given.encode(), expected.encode()):
                 return web.json_response(
                     {"error": "unauthorized"}, status=401, headers={"WWW-Authenticate": "Bearer"}
@@ -402,7 +408,7 @@ def build_app(
         name = request.match_info["name"]
         if name not in store.vms:
             return web.Response(status=404, text="no such VM\n")
-        return web.Response(text=vm_page(name, store.vms[name].result), content_type="text/html")
+        return web.Response(text=vm_page(name, store.vms[name].shown()), content_type="text/html")
 
     async def index(_: web.Request) -> web.Response:
         return web.Response(text=status_page(store), content_type="text/html")

@@ -19,13 +19,13 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "config.example.toml"
 
 def test_defaults() -> None:
     s = Settings()
-    assert s.listen == "127.0.0.1:9464" and s.interval == 60
+    assert s.listen == "127.0.0.1:10469" and s.interval == 60
     assert "/run/qemu/*.qmp" in s.watch and "/var/run/qemu-server/*.qmp" in s.watch
 
 
 def test_example_config_is_valid() -> None:
     s = settings_from_toml(EXAMPLE.read_text(), "example")
-    assert s.listen == "127.0.0.1:9464"
+    assert s.listen == "127.0.0.1:10469"
 
 
 def test_full_config() -> None:
