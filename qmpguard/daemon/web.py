@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import html
 import resource
 import socket
 import ssl
@@ -21,7 +20,6 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
 
 import structlog
 from aiohttp import web
@@ -30,7 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
-from qmpguard.daemon.page import vm_page
+from qmpguard.daemon.page import status_page, vm_page
 from qmpguard.daemon.results import ResultStore
 from qmpguard.daemon.watch import RESOURCE_ERRNOS, describe_fault, fault_location
 
@@ -410,8 +408,10 @@ def build_app(
             return web.Response(status=404, text="no such VM\n")
         return web.Response(text=vm_page(name, store.vms[name].shown()), content_type="text/html")
 
-    async def index(_: web.Request) -> web.Response:
-        return web.Response(text=status_page(store), content_type="text/html")
+    async def index(request: web.Request) -> web.Response:
+        only = request.query.get("problems") == "1"
+        page = status_page(store.vms.values(), time.time(), problems_only=only)
+        return web.Response(text=page, content_type="text/html")
 
     async def no_server_header(_: web.Request, response: web.StreamResponse) -> None:
         response.headers["Server"] = "qmpguard"
@@ -425,37 +425,3 @@ def build_app(
     app.router.add_get("/vms/{name:.+}", page)
     app.router.add_get("/", index)
     return app
-
-
-def status_page(store: ResultStore) -> str:
-    """A server-rendered page: one row per VM, the worst finding, links to the JSON."""
-    rows = []
-    for name, record in sorted(store.vms.items()):
-        s = record.summary()
-        state = "pending" if s["status"] == "pending" else ("up" if s["up"] else "DOWN")
-        worst = s["worst"] or "-"
-        age = f"{time.time() - s['last_inspection']:.0f}s ago" if s["last_inspection"] else "-"
-        detail = html.escape(s["error"] or ", ".join(s["findings"]) or "no findings")
-        rows.append(
-            f"<tr class='{html.escape(worst)}'><td><a href='/vms/{quote(name, safe='')}'>"
-            f"{html.escape(name)}</a></td><td>{state}</td><td>{html.escape(worst)}</td>"
-            f"<td>{detail}</td><td>{age}</td></tr>"
-        )
-    body = "\n".join(rows) or "<tr><td colspan=5>no VMs found yet</td></tr>"
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>qmpguard</title>
-<style>
-body {{ font-family: sans-serif; margin: 2em; }} table {{ border-collapse: collapse; }}
-td, th {{ border: 1px solid #999; padding: .3em .6em; text-align: left; }}
-tr.critical td {{ background: #fdd; font-weight: bold; }} tr.warning td {{ background: #ffd; }}
-tr.unknown td {{ background: #eee; }}
-</style></head><body>
-<h1>qmpguard</h1>
-<p>vfio devices whose DMA bypasses the guest's vIOMMU. Severity is also spelled out, so the
-page reads without colour. Metrics: <a href="/metrics">/metrics</a>, JSON:
-<a href="/api/v1/vms">/api/v1/vms</a>.</p>
-<table><tr><th>VM</th><th>state</th><th>worst</th><th>findings / error</th>
-<th>inspected</th></tr>
-{body}
-</table></body></html>
-"""

@@ -1,25 +1,27 @@
-"""Human-readable report: one block per VM, a row per PCI device, then the findings."""
+"""Human-readable report: one block per VM, its problems first, a row per PCI device, then
+the findings.
+
+The same rules as the tree and the daemon's pages: the verdict is the first column, so a
+narrow terminal never pushes it off; names longer than NAME_MAX are shortened in the
+middle (the JSON report keeps them whole).
+"""
 
 from __future__ import annotations
 
 from qmpguard.analysis.model import BindingKind
-from qmpguard.analysis.vm import DeviceAnalysis
 from qmpguard.report.document import exit_code, target_findings
 from qmpguard.report.text import printable
-from qmpguard.report.words import VERDICT_WORD, memory_short
+from qmpguard.report.tree import (
+    expected_text,
+    problem_lines,
+    short_bus,
+    shorten_middle,
+    shorten_names,
+)
+from qmpguard.report.words import VERDICT_WORD
 from qmpguard.result import TargetResult
 
-
-def short_bus(path: str) -> str:
-    return path.rsplit("/", 1)[-1]
-
-
-def expected_text(d: DeviceAnalysis) -> str:
-    b = d.binding
-    if b.kind is BindingKind.MEMORY:
-        return memory_short(b)
-    assert b.viommu is not None and b.requester is not None
-    return f"{b.viommu.label} rid {b.requester.devfn_text}@{short_bus(b.requester.bus)}"
+__all__ = ["expected_text", "render_report", "render_target", "short_bus"]
 
 
 def _table(rows: list[list[str]]) -> list[str]:
@@ -36,21 +38,22 @@ def render_target(result: TargetResult) -> str:
         lines.append(f"== {target}: NOT INSPECTED")
     else:
         version = a.qemu_version or "?"
-        vi = printable(", ".join(f"{v.label} ({v.type})" for v in a.viommus) or "none")
+        vi = ", ".join(f"{shorten_middle(v.label)} ({v.type})" for v in a.viommus) or "none"
         vm = printable(a.identity.label)
-        lines.append(f"== {vm} ({target})  QEMU {version}  vIOMMU: {vi}")
-        rows = [["DEVICE", "TYPE", "BUS", "DEVFN", "BDF", "EXPECTED DMA SPACE", "ORDER", "VERDICT"]]
+        lines.append(f"== {vm} ({target})  QEMU {version}  vIOMMU: {printable(vi)}")
+        lines.extend(problem_lines(result))
+        rows = [["VERDICT", "DEVICE", "TYPE", "BUS", "DEVFN", "BDF", "EXPECTED DMA SPACE", "ORDER"]]
         for d in a.devices:
             rows.append(
                 [
-                    d.device.label,
+                    VERDICT_WORD[d.verdict],
+                    shorten_middle(d.device.label),
                     d.device.type,
-                    short_bus(d.device.bus),
+                    shorten_middle(short_bus(d.device.bus)),
                     d.device.devfn_text,
                     d.bdf or "-",
-                    expected_text(d),
+                    shorten_names(expected_text(d)),
                     d.order.relative if d.binding.kind is BindingKind.VIOMMU else "-",
-                    VERDICT_WORD[d.verdict],
                 ]
             )
         lines.extend("  " + r for r in _table(rows))
