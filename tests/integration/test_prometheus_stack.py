@@ -5,6 +5,7 @@ Every query of deploy/grafana-dashboard.json returns data, every rule of
 deploy/qmpguard.rules.yml evaluates without error, and the QG001 alert fires through
 Prometheus's own API and keeps firing while another client holds bad-vm's monitor,
 long enough for QmpguardInspectionStale to fire too. Bounded polls only, no fixed sleeps.
+And deploy/alertmanager.yml in a real Alertmanager: routes and inhibitions.
 """
 
 from __future__ import annotations
@@ -215,3 +216,89 @@ def test_dashboard_rules_and_alerts_in_a_real_prometheus(
         f"real Prometheus: {len(queries)} dashboard queries, {polls} polls while held, "
         f"{time.monotonic() - started:.1f} s"
     )
+
+
+ALERTMANAGER = "/usr/bin/prometheus-alertmanager"
+
+
+def test_alertmanager_example_routes_and_inhibits(tmp_path: Path) -> None:
+    """deploy/alertmanager.yml in a real Alertmanager (Debian's): QG001 goes to the pager
+    and holds back that VM's warnings, never another VM's, never a stale inspection."""
+    if not Path(ALERTMANAGER).exists():
+        if os.environ.get("CI"):
+            raise AssertionError("alertmanager missing: deploy/install-dev.sh installs it")
+        pytest.skip("prometheus-alertmanager not installed")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "alertmanager.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            [
+                ALERTMANAGER,
+                f"--config.file={DEPLOY / 'alertmanager.yml'}",
+                f"--storage.path={tmp_path / 'am'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--cluster.listen-address=",
+                "--log.level=warn",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+
+        def ready() -> bool:
+            assert proc.poll() is None, log.read_text()
+            try:
+                with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as resp:
+                    return resp.status == 200
+            except OSError:
+                return False
+
+        wait_for(ready, timeout=30, what="Alertmanager ready")
+        common = {"instance": "hv1:10469", "job": "qmpguard"}
+        alerts = [
+            ("QmpguardVfioBypassesViommu", "critical", "unix:/run/qemu/bad.qmp"),
+            ("QmpguardVfioSharesAddressSpace", "warning", "unix:/run/qemu/bad.qmp"),
+            ("QmpguardVfioSharesAddressSpace", "warning", "unix:/run/qemu/other.qmp"),
+            ("QmpguardInspectionStale", "warning", "unix:/run/qemu/bad.qmp"),
+        ]
+        body = json.dumps(
+            [{"labels": {"alertname": a, "severity": s, "vm": vm, **common}} for a, s, vm in alerts]
+        ).encode()
+        request = urllib.request.Request(
+            f"{url}/api/v2/alerts", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            assert resp.status == 200
+
+        def states() -> dict[tuple[str, str], tuple[str, list[str]]]:
+            with urllib.request.urlopen(f"{url}/api/v2/alerts", timeout=5) as resp:
+                listed = json.loads(resp.read())
+            return {
+                (a["labels"]["alertname"], a["labels"]["vm"]): (
+                    a["status"]["state"],
+                    sorted(r["name"] for r in a["receivers"]),
+                )
+                for a in listed
+            }
+
+        got = wait_for(lambda: len(states()) == 4 and states(), timeout=15, what="4 alerts")
+        assert got == {
+            ("QmpguardVfioBypassesViommu", "unix:/run/qemu/bad.qmp"): ("active", ["qmpguard-page"]),
+            ("QmpguardVfioSharesAddressSpace", "unix:/run/qemu/bad.qmp"): (
+                "suppressed",
+                ["qmpguard-ticket"],
+            ),
+            ("QmpguardVfioSharesAddressSpace", "unix:/run/qemu/other.qmp"): (
+                "active",
+                ["qmpguard-ticket"],
+            ),
+            ("QmpguardInspectionStale", "unix:/run/qemu/bad.qmp"): ("active", ["qmpguard-ticket"]),
+        }
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

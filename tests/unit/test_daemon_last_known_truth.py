@@ -10,6 +10,7 @@ import shutil
 import subprocess
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -23,7 +24,14 @@ from qmpguard.daemon.reload import (
     not_applied,
 )
 from qmpguard.daemon.results import ResultStore
-from qmpguard.daemon.settings import DEFAULT_PORT, ConfigError, Settings, settings_from_toml
+from qmpguard.daemon.settings import (
+    DEFAULT_PORT,
+    ConfigError,
+    Settings,
+    StaticTarget,
+    settings_from_toml,
+)
+from qmpguard.daemon.watch import Scheduler
 from qmpguard.errors import ErrorReason, InspectionError
 from qmpguard.inspect import analyse_snapshot
 from qmpguard.report.exposition import render_prometheus, write_text_atomically
@@ -265,3 +273,38 @@ def test_prometheus_exposition_passes_promtool_and_writes_atomically(tmp_path: P
     with pytest.raises(OSError):
         write_text_atomically(tmp_path / "missing-dir" / "x.prom", text)
     assert [p.name for p in tmp_path.iterdir()] == ["qmpguard.prom"]
+
+
+def test_reconfigure_resizes_the_gate_wakes_on_a_shorter_interval_and_rewatches_on_hold() -> None:
+    """Scheduler.reconfigure and the rescan after it, through the scheduler's seams."""
+
+    async def scenario() -> None:
+        paused = asyncio.Event()
+
+        async def inspect(target: Any, *_: Any) -> TargetResult:
+            return busy(target.name)
+
+        async def pause(poke: asyncio.Event, delay: float) -> None:
+            paused.set()
+            await poke.wait()
+
+        store = ResultStore()
+        _, duration = build_registry(store)
+        target = StaticTarget("unix:/run/qemu/x.qmp")
+        settings = Settings(watch=(), targets=(target,), interval=60.0, concurrency=2)
+        scheduler = Scheduler(settings, store, duration, inspect=inspect, pause=pause)
+        await scheduler.rescan()
+        entry = scheduler.watched["unix:/run/qemu/x.qmp"]
+        await asyncio.wait_for(paused.wait(), 5)
+        first_task = entry.task
+        scheduler.reconfigure(replace(settings, concurrency=5, interval=10.0))
+        assert scheduler.concurrency == 5 and scheduler.interval == 10.0
+        assert entry.poke.is_set()  # a shorter interval: look now, not in 60 s
+        held = replace(settings, targets=(StaticTarget(target.target, hold=True),))
+        scheduler.reconfigure(held)
+        await scheduler.rescan()
+        assert entry.hold and entry.task is not first_task  # watched the other way now
+        assert first_task is not None and first_task.done()
+        await scheduler.stop()
+
+    asyncio.run(scenario())
