@@ -23,6 +23,8 @@ from qmpguard.discovery import command as discover_command
 from qmpguard.errors import ErrorReason, InspectionError
 from qmpguard.inspect import analyse_snapshot, inspect_many, snapshot_target
 from qmpguard.logs import configure_logging
+from qmpguard.preflight_command import add_parsers as add_preflight_parsers
+from qmpguard.preflight_command import run_exec, run_preflight
 from qmpguard.qmp.guard import Timeouts
 from qmpguard.qmp.libvirt import running_domains
 from qmpguard.report.document import EXIT_UNKNOWN, exit_code, report_json
@@ -168,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     daemon_command.add_parser(sub)
     discover_command.add_parser(sub, bounded(TIMEOUT))
+    add_preflight_parsers(sub)
 
     demo = sub.add_parser("demo", help="start demo VMs with emulated vfio-pci and check them")
     demo.add_argument("--format", choices=["table", "json"], default="table")
@@ -298,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         "snapshot": cmd_snapshot,
         "demo": cmd_demo,
         "discover": cmd_discover,
+        "preflight": run_preflight,
+        "exec": run_exec,
     }
     try:
         return handlers[args.command](args)

@@ -41,6 +41,12 @@ class CliDevice:
     id: str | None
     syntax: DeviceSyntax
     source: str  # where it was written, for evidence: "argv[12]", 'FILE [device "x"]'
+    #: Every other property as written (driver and id left out); JSON values as text:
+    #: booleans on/off, numbers in decimal, anything nested as JSON.
+    props: tuple[tuple[str, str], ...] = ()
+
+    def prop(self, key: str) -> str | None:
+        return next((v for k, v in self.props if k == key), None)
 
 
 @dataclass(frozen=True)
@@ -143,7 +149,20 @@ def qemu_json_loads(text: str) -> object:
     return json.loads("".join(out))
 
 
-def _json_device(value: str) -> tuple[str, str | None] | None:
+def _prop_text(value: object) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float):
+        return str(value)
+    return json.dumps(value)
+
+
+Props = tuple[tuple[str, str], ...]
+
+
+def _json_device(value: str) -> tuple[str, str | None, Props] | None:
     try:
         obj = qemu_json_loads(value)
     except (ValueError, RecursionError):
@@ -151,7 +170,12 @@ def _json_device(value: str) -> tuple[str, str | None] | None:
     if not isinstance(obj, dict) or not isinstance(obj.get("driver"), str):
         return None
     dev_id = obj.get("id")
-    return obj["driver"], dev_id if isinstance(dev_id, str) else None
+    props = tuple((k, _prop_text(v)) for k, v in obj.items() if k not in ("driver", "id"))
+    return obj["driver"], dev_id if isinstance(dev_id, str) else None, props
+
+
+def _other_props(opts: Mapping[str, str]) -> Props:
+    return tuple((k, v) for k, v in opts.items() if k not in ("driver", "id"))
 
 
 _SECTION = re.compile(r'\[(\w+)(?: "(.*)")?\]')
@@ -301,7 +325,7 @@ _WITH_ARGUMENT = frozenset(
 
 @dataclass
 class _Parse:
-    raw: list[tuple[int, str, str | None, DeviceSyntax, str]] = field(default_factory=list)
+    raw: list[tuple[int, str, str | None, DeviceSyntax, str, Props]] = field(default_factory=list)
     machine: dict[str, str] = field(default_factory=dict)
     name: str | None = None
     gaps: list[str] = field(default_factory=list)
@@ -321,7 +345,8 @@ def _add_readconfig(p: _Parse, arg_index: int, path: str, text: str | None) -> N
     for group, gid, opts in groups:
         if group == "device" and "driver" in opts:
             where = f'{path} [device "{gid}"]' if gid else f"{path} [device]"
-            p.raw.append((arg_index, opts["driver"], gid, DeviceSyntax.READCONFIG, where))
+            syntax, props = DeviceSyntax.READCONFIG, _other_props(opts)
+            p.raw.append((arg_index, opts["driver"], gid, syntax, where, props))
         elif group == "machine":
             p.machine.update(opts)
 
@@ -334,13 +359,13 @@ def _add_option(p: _Parse, norm: str, i: int, val: str, files: Mapping[str, str]
             if parsed is None:
                 p.gaps.append(f"{where}: a JSON -device qmpguard cannot parse")
                 return
-            p.raw.append((i, parsed[0], parsed[1], DeviceSyntax.JSON, where))
+            p.raw.append((i, parsed[0], parsed[1], DeviceSyntax.JSON, where, parsed[2]))
             return
         kv = keyval(val, "driver")
         if "driver" not in kv:
             p.gaps.append(f"{where}: a -device without a driver")
             return
-        p.raw.append((i, kv["driver"], kv.get("id"), DeviceSyntax.KEYVAL, where))
+        p.raw.append((i, kv["driver"], kv.get("id"), DeviceSyntax.KEYVAL, where, _other_props(kv)))
     elif norm in ("-machine", "-M"):
         p.machine.update(keyval(val, "type"))
     elif norm == "-name":
@@ -374,7 +399,7 @@ def parse_cmdline(argv: list[str], files: Mapping[str, str] | None = None) -> Cl
         i += 2
     ordered = sorted(p.raw, key=lambda r: (r[3].json_list, r[0]))  # stable: QemuOpts first
     devices = tuple(
-        CliDevice(argument=arg, realize_rank=rank, driver=drv, id=dev_id, syntax=syn, source=src)
-        for rank, (arg, drv, dev_id, syn, src) in enumerate(ordered)
+        CliDevice(arg, rank, drv, dev_id, syn, src, props)
+        for rank, (arg, drv, dev_id, syn, src, props) in enumerate(ordered)
     )
     return CliFacts(devices, p.machine, p.name, tuple(p.gaps), tuple(p.files))

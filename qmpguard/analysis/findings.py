@@ -49,18 +49,25 @@ def qg001_misbound(vm: VmAnalysis) -> Iterator[Finding]:
             dev.device.path,
             f"{dev.device.label} ({dev.device.type}) was realized before vIOMMU {v.label} "
             f"({v.type}): its VFIO container is attached to plain guest memory, so the device "
-            f"can DMA to all guest RAM, bypassing the guest's IOMMU. Fix: {_fix(dev)}",
+            f"can DMA to all guest RAM, bypassing the guest's IOMMU. Fix: {_fix(dev, vm)}",
             _evidence_lines(dev),
         )
 
 
-def _fix(dev: DeviceAnalysis) -> str:
-    """What makes the binding right, for this vIOMMU model (docs/design.md, "Fixes")."""
+def _fix(dev: DeviceAnalysis, vm: VmAnalysis | None = None) -> str:
+    """What makes the binding right, for this vIOMMU model (docs/design.md, "Fixes"):
+    from the VM's own command line when the snapshot has it (qmpguard/fix.py)."""
     v = dev.binding.viommu
     assert v is not None
     m = model(v.kind)
     if not m.reorder_fixes:
         return m.alternative + "."
+    if vm is not None:
+        from qmpguard.fix import fix_for  # imports the analysis: not at module level
+
+        concrete = fix_for(vm, dev)
+        if concrete is not None:
+            return concrete.text
     return (
         f"create {v.label} ({v.type}) before {dev.device.label}: put its -device option "
         f"before the vfio device's on the QEMU command line (a vIOMMU given through "

@@ -1,0 +1,248 @@
+"""A libvirt domain XML as the QEMU command line libvirt would give it (for preflight).
+
+Only what decides DMA binding is rendered, in libvirt's order (checked against
+`virsh domxml-to-native` of libvirt 9.0 with QEMU 7.2): the machine, then every device
+as JSON `-device` with its id and guest address, the vIOMMU (`<iommu>`) first, the PCI
+controllers next (pci.N on bus pci.M), then the other devices, hostdevs as vfio-pci;
+then `-msg timestamp=on`, the last option libvirt writes itself; then the
+`<qemu:commandline>` arguments verbatim. That last part is how a vIOMMU given there
+lands after every device libvirt creates -- and why a key=val `-device` there is
+realized before all of them.
+
+The XML is read without network or entity expansion (a DOCTYPE is refused outright:
+libvirt never writes one).
+"""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+MAX_XML_BYTES = 4 << 20
+#: The last option libvirt writes itself; <qemu:commandline> arguments follow it.
+LIBVIRT_TAIL = ("-msg", "timestamp=on")
+
+
+class DomainXmlError(ValueError):
+    """A domain XML qmpguard cannot read."""
+
+
+@dataclass(frozen=True)
+class DomainArgv:
+    """The rendered command line and where its parts came from."""
+
+    name: str
+    argv: tuple[str, ...]
+    commandline_start: int  # index of the first <qemu:commandline> argument
+    notes: tuple[str, ...]
+
+
+_CONTROLLER_DRIVERS = {
+    "pcie-root-port": "pcie-root-port",
+    "pcie-to-pci-bridge": "pcie-pci-bridge",
+    "pci-bridge": "pci-bridge",
+    "dmi-to-pci-bridge": "i82801b11-bridge",
+    "pcie-switch-upstream-port": "x3130-upstream",
+    "pcie-switch-downstream-port": "xio3130-downstream",
+    "pci-expander-bus": "pxb",
+    "pcie-expander-bus": "pxb-pcie",
+}
+_NIC_MODELS = {"virtio": "virtio-net-pci", "virtio-transitional": "virtio-net-pci-transitional"}
+
+
+def _int(text: str | None, default: int = 0) -> int:
+    if not text:
+        return default
+    try:
+        return int(text, 0)
+    except ValueError:
+        return default
+
+
+def _onoff(value: str | None) -> bool | None:
+    return None if value is None else value in ("on", "yes")
+
+
+class _Render:
+    def __init__(self, machine_family: str) -> None:
+        self.root = "pcie.0" if machine_family == "q35" or machine_family == "virt" else "pci.0"
+        self.devices: list[dict[str, object]] = []
+        self.notes: list[str] = []
+
+    def address(self, el: ET.Element, what: str) -> dict[str, object]:
+        addr = el.find("address")
+        if addr is None or addr.get("type") != "pci":
+            self.notes.append(
+                f"{what} has no PCI address in the XML (libvirt assigns them when the domain "
+                "is defined: give preflight the output of `virsh dumpxml`)"
+            )
+            return {}
+        bus = _int(addr.get("bus"))
+        slot, fn = _int(addr.get("slot")), _int(addr.get("function"))
+        out: dict[str, object] = {"bus": self.root if bus == 0 else f"pci.{bus}"}
+        if addr.get("multifunction") == "on":
+            out["multifunction"] = True
+        out["addr"] = f"0x{slot:x}" if fn == 0 else f"0x{slot:x}.0x{fn:x}"
+        return out
+
+
+def _machine_family(machine: str) -> str:
+    if "q35" in machine:
+        return "q35"
+    if machine == "virt" or machine.startswith("virt-"):
+        return "virt"
+    return "pc"
+
+
+def domain_argv(text: str) -> DomainArgv:
+    """The command line libvirt would run for domain XML `text` (DomainXmlError if it is
+    not a domain XML qmpguard can read)."""
+    if len(text.encode("utf-8", "replace")) > MAX_XML_BYTES:
+        raise DomainXmlError(f"domain XML larger than {MAX_XML_BYTES} bytes")
+    if "<!DOCTYPE" in text or "<!ENTITY" in text:
+        raise DomainXmlError(
+            "domain XML with a DOCTYPE or entity declaration (libvirt writes none)"
+        )
+    try:
+        dom = ET.fromstring(text)
+    except ET.ParseError as exc:
+        raise DomainXmlError(f"not well-formed XML: {exc}") from None
+    if dom.tag != "domain":
+        raise DomainXmlError(f"root element is <{dom.tag}>, not <domain>")
+    name = (dom.findtext("name") or "").strip() or "domain"
+    ostype = dom.find("os/type")
+    machine = (ostype.get("machine") if ostype is not None else None) or "pc"
+    arch = (ostype.get("arch") if ostype is not None else None) or "x86_64"
+    devices = dom.find("devices")
+    if devices is None:
+        devices = ET.Element("devices")
+    emulator = (devices.findtext("emulator") or "").strip() or f"qemu-system-{arch}"
+    family = _machine_family(machine)
+    r = _Render(family)
+    machine_opts = [machine]
+    argv = [emulator, "-name", f"guest={name},debug-threads=on", "-S"]
+    for iommu in devices.findall("iommu"):
+        _iommu(r, iommu, machine_opts)
+    argv += ["-machine", ",".join(machine_opts), "-nodefaults"]
+    controllers = sorted(
+        (c for c in devices.findall("controller") if c.get("type") == "pci"),
+        key=lambda c: _int(c.get("index")),
+    )
+    for c in controllers:
+        _controller(r, c)
+    hostdev_n = 0
+    for el in devices:
+        if el.tag == "hostdev":
+            if el.get("type") == "pci" and el.get("mode", "subsystem") == "subsystem":
+                dev: dict[str, object] = {"driver": "vfio-pci", "id": f"hostdev{hostdev_n}"}
+                dev |= r.address(el, f"<hostdev> {hostdev_n}")
+                r.devices.append(dev)
+            hostdev_n += 1
+        elif el.tag not in ("controller", "iommu", "emulator"):
+            _other(r, el)
+    for dev in r.devices:
+        argv += ["-device", json.dumps(dev, separators=(",", ":"))]
+    argv += list(LIBVIRT_TAIL)
+    start = len(argv)
+    cmdline = dom.find(f"{{{QEMU_NS}}}commandline")
+    if cmdline is not None:
+        argv += [a.get("value", "") for a in cmdline.findall(f"{{{QEMU_NS}}}arg")]
+    return DomainArgv(name, tuple(argv), start, tuple(r.notes))
+
+
+def _iommu(r: _Render, el: ET.Element, machine_opts: list[str]) -> None:
+    model = el.get("model")
+    drv = el.find("driver")
+    attrs = drv.attrib if drv is not None else {}
+    if model == "intel":
+        dev: dict[str, object] = {"driver": "intel-iommu", "id": "iommu0"}
+        for attr, prop in (
+            ("intremap", "intremap"),
+            ("caching_mode", "caching-mode"),
+            ("eim", "eim"),
+            ("iotlb", "device-iotlb"),
+        ):
+            value = _onoff(attrs.get(attr))
+            if value is not None:
+                dev[prop] = "on" if prop == "intremap" and value else value
+        if attrs.get("aw_bits"):
+            dev["aw-bits"] = _int(attrs.get("aw_bits"))
+        r.devices.append(dev)
+    elif model == "virtio":
+        r.devices.append(
+            {"driver": "virtio-iommu-pci", "id": "iommu0"} | r.address(el, "<iommu model='virtio'>")
+        )
+    elif model == "smmuv3":
+        machine_opts.append("iommu=smmuv3")
+    elif model == "amd":
+        r.devices.append({"driver": "amd-iommu", "id": "iommu0"})
+    else:
+        r.notes.append(f"<iommu model='{model}'> is unknown to qmpguard")
+
+
+def _controller(r: _Render, el: ET.Element) -> None:
+    model = el.get("model") or ""
+    index = _int(el.get("index"))
+    if model in ("pci-root", "pcie-root") or index == 0:
+        return
+    named = el.find("model")
+    driver = (named.get("name") if named is not None else None) or _CONTROLLER_DRIVERS.get(model)
+    if driver is None:
+        r.notes.append(f"<controller type='pci' model='{model}'> is unknown to qmpguard")
+        return
+    dev: dict[str, object] = {"driver": driver, "id": f"pci.{index}"}
+    target = el.find("target")
+    if driver in ("pxb", "pxb-pcie"):
+        dev["bus_nr"] = _int(target.get("busNr") if target is not None else None)
+    r.devices.append(dev | r.address(el, f"<controller index='{index}'>"))
+
+
+def _other(r: _Render, el: ET.Element) -> None:
+    """A device other than a controller or hostdev: PCI if it has a PCI address."""
+    addr = el.find("address")
+    if addr is None or addr.get("type") != "pci":
+        return
+    driver = _driver_of(el)
+    dev: dict[str, object] = {"driver": driver}
+    alias = el.find("alias")
+    if alias is not None and alias.get("name"):
+        dev["id"] = alias.get("name")
+    drv = el.find("driver")
+    if drv is not None and drv.get("iommu") == "on":
+        dev["iommu_platform"] = True
+    r.devices.append(dev | r.address(el, f"<{el.tag}>"))
+
+
+def _driver_of(el: ET.Element) -> str:
+    """The QEMU device type libvirt uses for a PCI device element (a stand-in ending in
+    -pci where qmpguard does not know it: a PCI device that creates no bus)."""
+    model = el.find("model")
+    mtype = model.get("type") if model is not None else el.get("model")
+    if el.tag == "interface":
+        return _NIC_MODELS.get(mtype or "", mtype or "libvirt-interface-pci")
+    if el.tag == "disk" and (t := el.find("target")) is not None and t.get("bus") == "virtio":
+        return "virtio-blk-pci"
+    if el.tag == "controller":
+        kind, cmodel = el.get("type"), el.get("model") or ""
+        known = {
+            ("scsi", "virtio-scsi"): "virtio-scsi-pci",
+            ("scsi", "lsilogic"): "lsi53c895a",
+            ("usb", "qemu-xhci"): "qemu-xhci",
+            ("usb", "nec-xhci"): "nec-usb-xhci",
+            ("usb", "ich9-ehci1"): "ich9-usb-ehci1",
+            ("usb", "piix3-uhci"): "piix3-usb-uhci",
+            ("sata", ""): "ich9-ahci",
+            ("virtio-serial", ""): "virtio-serial-pci",
+        }
+        return known.get((kind or "", cmodel), f"libvirt-{kind}-controller-pci")
+    if el.get("model") == "virtio" or mtype == "virtio":
+        return {
+            "memballoon": "virtio-balloon-pci",
+            "rng": "virtio-rng-pci",
+            "video": "virtio-vga",
+        }.get(el.tag, f"virtio-{el.tag}-pci")
+    if el.tag == "video":
+        return {"vga": "VGA", "qxl": "qxl-vga", "cirrus": "cirrus-vga"}.get(mtype or "", "VGA")
+    return f"libvirt-{el.tag}-pci"
