@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import sys
 import tempfile
@@ -24,6 +25,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import structlog
 from hypothesis import HealthCheck, Phase, given, seed, settings
 
 from tests.conftest import QEMU_MATRIX
@@ -58,7 +60,13 @@ def generate(n: int, seed_value: int, unusual_ids: bool = True) -> list[Scenario
     return list(out.values())[:n]
 
 
+def _quiet() -> None:
+    """qmpguard logs each failed target at info on stdout: keep the tables readable."""
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+
 def _one(job: tuple[int, dict[str, Any], str, str]) -> tuple[int, str, dict[str, Any]]:
+    _quiet()
     index, scn_json, label, qemu_path = job
     scn = Scenario.from_json(scn_json)
     built = Built.build(CACHE)
@@ -143,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         "--keep-all", action="store_true", help="write every run's record, not only failures"
     )
     args = p.parse_args(argv)
+    _quiet()
     labels = list(QEMU_MATRIX) if args.qemu == "all" else [args.qemu]
     unknown = [lb for lb in labels if lb not in QEMU_MATRIX]
     if unknown:
@@ -186,10 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.monotonic() - started
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    tables = []
     for label in labels:
         recs = sorted(results[label], key=lambda r: r["index"])
+        tables.append(table(label, qemu_version(QEMU_MATRIX[label]), recs))
         print()
-        print(table(label, qemu_version(QEMU_MATRIX[label]), recs))
+        print(tables[-1])
         secs = [r["wall"] for r in recs]
         print(
             f"\n{len(recs)} scenarios, {sum(secs) / max(1, len(secs)):.2f}s each "
@@ -214,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"failing scenarios: {out} ({len(failures)}; rejected {len(rejected)})")
         for line, n in Counter(r["detail"][:160] for r in rejected).most_common(5):
             print(f"  rejected x{n}: {line}")
-    print(f"\nwall time {wall:.0f}s with {args.jobs} jobs", file=sys.stderr)
+    summary = args.out / f"summary-seed{seed_value}-{stamp}.md"
+    summary.write_text("\n\n".join(tables) + "\n")
+    print(f"\nwall time {wall:.0f}s with {args.jobs} jobs; tables in {summary}", file=sys.stderr)
     return 0
 
 

@@ -112,6 +112,8 @@ class _Builder:
 
 
 BRIDGES = ("pcie-root-port", "pcie-pci-bridge", "pci-bridge", "i82801b11-bridge", "pxb", "pxb-pcie")
+MONITORS = ["qmp-unix", "qmp-tcp", "chardev-unix", "qmp-unix", "qmp-tcp", "chardev-unix"]
+MONITORS += ["qmp-unix", "qmp-tcp", "qmp-pretty"]
 SYNTAXES: list[Syntax] = ["kv", "kv", "kvd", "kvl", "json", "relaxed"]
 #: options managers and people add that create no PCI device (pairs)
 HAND_EXTRAS = [
@@ -311,7 +313,8 @@ def hand_scenarios(draw: Any, unusual_ids: bool = True, hot: bool = False) -> Sc
         machine,
         tuple(d for d in devices if d.driver != "none"),
         monitor=draw(
-            st.sampled_from(["qmp-unix", "qmp-unix", "chardev-unix", "qmp-tcp", "qmp-pretty"])
+            # TCP: no command line, the QMP-only evidence decides (where bugs hide)
+            st.sampled_from(MONITORS)
         ),
         launcher=draw(st.sampled_from(["direct", "direct", "kvm-link", "wrapper"])),
         bus_bypass=draw(st.integers(0, 5)) == 0,
