@@ -178,8 +178,10 @@ def _other_props(opts: Mapping[str, str]) -> Props:
     return tuple((k, v) for k, v in opts.items() if k not in ("driver", "id"))
 
 
-_SECTION = re.compile(r'\[(\w+)(?: "(.*)")?\]')
-_ENTRY = re.compile(r'(\S+) = "(.*)"')
+#: QEMU's own format (util/qemu-config.c, sscanf): `[group]` or `[group "id"]`, and
+#: `key = "value"` with any whitespace (tabs too) around the parts.
+_SECTION = re.compile(r'\[\s*(\w+)(?:\s+"([^"]*)")?\s*\]')
+_ENTRY = re.compile(r'(\S+)\s+=\s*"([^"]*)"')
 
 
 def readconfig_groups(text: str) -> list[tuple[str, str | None, dict[str, str]]]:
@@ -374,6 +376,8 @@ def _add_option(p: _Parse, norm: str, i: int, val: str, files: Mapping[str, str]
         _add_readconfig(p, i, val, files.get(val))
     elif norm == "-drive" and keyval(val, "file").get("if") == "virtio":
         p.gaps.append(f"{where}: -drive if=virtio creates an anonymous device implicitly")
+    elif norm == "-virtfs":
+        p.gaps.append(f"{where}: -virtfs creates an anonymous device implicitly")
 
 
 def parse_cmdline(argv: list[str], files: Mapping[str, str] | None = None) -> CliFacts:

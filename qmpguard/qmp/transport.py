@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import os
 import socket
 import stat
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp.message import DeserializationError, Message
 from qemu.qmp.protocol import ConnectError
 
 from qmpguard.errors import CommandFailed, ErrorReason, InspectionError
@@ -115,6 +117,31 @@ class QMPSession(GuardedSession):
             raise InspectionError(
                 ErrorReason.DISCONNECTED, f"connection lost during {command}: {_describe(exc)}"
             ) from None
+
+
+class PrettyTolerantClient(QMPClient):
+    """qemu.qmp's client, also reading QEMU's pretty-printed QMP (`-qmp-pretty`,
+    `-mon ...,pretty=on`), where one message spans many lines.
+
+    A line that fails to parse only because the JSON is cut short at its end is joined
+    with the next one, up to the read limit; anything else fails as before.
+    """
+
+    async def _do_recv(self) -> Message:
+        raw = await self._readline()
+        while True:
+            try:
+                return Message(raw, eager=True)
+            except DeserializationError as exc:
+                if not _cut_short(exc) or len(raw) > self.readbuflen:
+                    raise
+            raw += await self._readline()
+
+
+def _cut_short(exc: DeserializationError) -> bool:
+    """The JSON error lies at the very end of the text: more lines would complete it."""
+    cause = exc.__cause__
+    return isinstance(cause, json.JSONDecodeError) and cause.pos >= len(cause.doc.rstrip())
 
 
 def _describe(exc: BaseException) -> str:
@@ -240,7 +267,7 @@ async def open_session(
     """Connect, wait for the greeting (bounded), negotiate; yield a QMPSession; always close."""
     timeouts = timeouts or Timeouts()
     sock = await _connect_socket(target, timeouts.greeting)
-    client = QMPClient(target.name, readbuflen=read_limit)
+    client = PrettyTolerantClient(target.name, readbuflen=read_limit)
     # The built-in listener keeps every event forever and cannot be removed: make it
     # listen for a name no event has, so a flood of events costs no memory.
     client.events.names = {"QMPGUARD-NO-EVENT"}

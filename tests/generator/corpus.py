@@ -258,7 +258,6 @@ CASES: list[Case] = [
         Scenario("q35", (vfio(1, "hostdev0", "pcie.0", "9.0"), INTEL), monitor="qmp-pretty"),
         truth={1: "all-ram"},
         verdicts={1: "misbound"},
-        failing_on=("all",),
     ),
     Case(
         "bus=pcie.0 lands on an anonymous root port behind a bypass pxb-pcie",
@@ -285,7 +284,6 @@ CASES: list[Case] = [
         proxmox("args", cfg_style="tabs"),
         truth={1: "all-ram", 2: "all-ram"},
         verdicts={1: "misbound", 2: "misbound"},
-        failing_on=("all",),
     ),
     Case(
         "hot-unplug under virtio-iommu leaves an address space: iommu-as-order says before",

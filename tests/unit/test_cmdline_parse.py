@@ -77,6 +77,20 @@ def test_readconfig_devices_join_the_keyval_list_in_place() -> None:
     assert cli.complete
 
 
+def test_readconfig_whitespace_as_qemu_reads_it() -> None:
+    """QEMU's sscanf format takes any whitespace (tabs too) around `=` and in headers."""
+    text = '[device\t"gpu"]\n\tdriver\t=\t"vfio-pci"\n  bus =  "pcie.0"\n'
+    text += '[device]\ndriver = "e1000e"\n'
+    cli = parse_cmdline(["kvm", "-readconfig", "/c.cfg"], {"/c.cfg": text})
+    assert [(d.driver, d.id) for d in cli.devices] == [("vfio-pci", "gpu"), ("e1000e", None)]
+    assert cli.complete
+
+
+def test_virtfs_makes_anonymous_matching_uncertain() -> None:
+    cli = parse_cmdline(["qemu", "-virtfs", "local,path=/x,mount_tag=t", "-device", "vfio-pci"])
+    assert not cli.complete
+
+
 def test_unreadable_readconfig_is_a_gap() -> None:
     cli = parse_cmdline(["kvm", "-readconfig", "/nope.cfg", "-device", "e1000e"])
     assert not cli.complete and "/nope.cfg" in cli.gaps[0]
