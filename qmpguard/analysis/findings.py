@@ -62,6 +62,17 @@ def _fix(dev: DeviceAnalysis, vm: VmAnalysis | None = None) -> str:
     m = model(v.kind)
     if not m.reorder_fixes:
         return m.alternative + "."
+    if v.refuses_vfio_after is not None and m.when_refused:
+        return m.when_refused + "."
+    if v.passthrough is not None:  # reordering alone would leave it in pass-through
+        return _reorder_text(dev, vm) + f" Also: {v.passthrough}; set dma-remap=on (10.1+)."
+    return _reorder_text(dev, vm)
+
+
+def _reorder_text(dev: DeviceAnalysis, vm: VmAnalysis | None) -> str:
+    """The reordering fix: concrete from the VM's own command line when there is one."""
+    v = dev.binding.viommu
+    assert v is not None
     if vm is not None:
         from qmpguard.fix import fix_for  # imports the analysis: not at module level
 

@@ -61,6 +61,9 @@ class ViommuModel:
     #: vfio-pci behind this model in the right order, so reordering is no fix).
     reorder_fixes: bool
     alternative: str  # what works instead, when reordering does not
+    #: What works where this QEMU refuses the right order (refuses_vfio_after) although
+    #: other versions accept it.
+    when_refused: str = ""
 
 
 MODELS: dict[str, ViommuModel] = {
@@ -100,6 +103,9 @@ MODELS: dict[str, ViommuModel] = {
         ),
         True,
         "",
+        "reordering alone makes this QEMU refuse to start (it refuses vfio-pci after "
+        "amd-iommu on 7.2, and on 10.0 with pt=off): use QEMU 10.1 or later with "
+        "-device amd-iommu,dma-remap=on before the vfio device, or virtio-iommu-pci",
     ),
     "smmuv3": ViommuModel(
         "smmuv3",
