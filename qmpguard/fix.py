@@ -25,6 +25,7 @@ import re
 import shlex
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -39,6 +40,10 @@ if TYPE_CHECKING:
     from qmpguard.analysis.vm import DeviceAnalysis, VmAnalysis
 
 Language = Literal["command-line", "libvirt", "proxmox", "none"]
+
+#: Set while a fix is being worked out: the analyses that check it (their QG001
+#: findings included) must not look for fixes in turn.
+_FIXING: ContextVar[bool] = ContextVar("qmpguard_fixing", default=False)
 
 
 @dataclass(frozen=True)
@@ -61,16 +66,22 @@ class Fix:
 # ------------------------------------------------------------------ shapes
 
 
-def libvirt_commandline_start(argv: Sequence[str]) -> int | None:
-    """Index of the first `<qemu:commandline>` argument of a libvirt-made argv (after
-    libvirt's last own option, `-msg timestamp=on`), None if this is not libvirt's."""
-    for i in range(len(argv) - 2, 0, -1):
-        if (argv[i], argv[i + 1]) == LIBVIRT_TAIL:
-            made_by_libvirt = any(a.startswith("guest=") for a in argv[1:i]) or any(
-                '"masterKey0"' in a for a in argv[1:i]
-            )
-            return i + 2 if made_by_libvirt else None
-    return None
+def libvirt_made(argv: Sequence[str]) -> bool:
+    """Whether libvirt wrote this command line (its -name guest=..., its master key secret,
+    its closing -msg timestamp=on)."""
+    tail = any(argv[i : i + 2] == list(LIBVIRT_TAIL) for i in range(len(argv) - 1))
+    name = any(a.startswith("guest=") for a in argv)
+    secret = any('"masterKey0"' in a for a in argv)
+    return tail and (name or secret)
+
+
+def from_qemu_commandline(cd: CliDevice, viommu: bool) -> bool:
+    """In a libvirt-made command line, whether this option came from <qemu:commandline>:
+    libvirt writes every device as JSON (libvirt 7.0+ with QEMU 6.0+), and its <iommu>
+    with the id iommu0; a key=val option or another vIOMMU is passed through."""
+    if not cd.syntax.json_list:
+        return True
+    return viommu and cd.id != "iommu0"
 
 
 _PVE_QMP = re.compile(r"(?:/var)?/run/qemu-server/(\d+)\.qmp")
@@ -182,15 +193,23 @@ def _layout(pf: Preflight) -> Counter[tuple[str, str | None, str | None, int | N
 def fixes(vm: VmAnalysis) -> list[Fix]:
     """One fix per vIOMMU with vfio devices realized before it (needs the VM's argv)."""
     snap = vm.snapshot
-    if snap is None or not snap.cmdline:
+    if snap is None or not snap.cmdline or _FIXING.get():
         return []
+    token = _FIXING.set(True)
+    try:
+        return _fixes(vm, snap.cmdline, snap.files, snap.transport)
+    finally:
+        _FIXING.reset(token)
+
+
+def _fixes(vm: VmAnalysis, argv: list[str], files: Mapping[str, str], transport: str) -> list[Fix]:
     groups: dict[str, list[DeviceAnalysis]] = {}
     for dev in vm.devices:
         if dev.verdict is Verdict.MISBOUND and dev.binding.viommu is not None:
             groups.setdefault(dev.binding.viommu.path, []).append(dev)
     out = []
     for devs in groups.values():
-        fix = _fix_one(vm, snap.cmdline, snap.files, snap.transport, devs)
+        fix = _fix_one(vm, argv, files, transport, devs)
         if fix is not None:
             out.append(fix)
     return out
@@ -225,11 +244,10 @@ def _fix_one(
     firsts = sorted((c for c in f_cds if c is not None), key=lambda c: c.realize_rank)
     original = preflight(argv, files)
     vmid = proxmox_vmid(argv)
-    start = libvirt_commandline_start(argv)
     if vmid is not None:
         return _proxmox(original, argv, v_cd, firsts, vmid, viommu.type, viommu.path, paths)
-    if start is not None or transport == "libvirt":
-        return _libvirt(original, argv, start, v_cd, firsts, viommu.type, viommu.path, paths)
+    if transport == "libvirt" or libvirt_made(argv):
+        return _libvirt(original, argv, v_cd, firsts, viommu.type, viommu.path, paths)
     return _reordered(original, argv, v_cd, firsts, viommu.path, paths, vm)
 
 
@@ -364,14 +382,13 @@ def _json_text(cd: CliDevice) -> str:
 def _libvirt(
     original: Preflight,
     argv: list[str],
-    start: int | None,
     v: CliDevice,
     vfio: list[CliDevice],
     viommu_type: str,
     viommu_path: str,
     paths: tuple[str, ...],
 ) -> Fix:
-    from_commandline = start is not None and v.argument >= start
+    from_commandline = from_qemu_commandline(v, viommu=True)
     xml = _libvirt_iommu_xml(v)
     steps: list[str] = []
     new = list(argv)
@@ -397,9 +414,7 @@ def _libvirt(
             f"libvirt has no <iommu> model for {viommu_type}: move its <qemu:arg> pair in "
             "<qemu:commandline> before the vfio device's"
         )
-    keyval_vfio = [
-        f for f in vfio if start is not None and f.argument >= start and not f.syntax.json_list
-    ]
+    keyval_vfio = [f for f in vfio if from_qemu_commandline(f, viommu=False)]
     for f in keyval_vfio:
         steps.append(
             f"{argv[f.argument - 1]} {argv[f.argument]} in <qemu:commandline> is key=val, "

@@ -2,12 +2,12 @@
 
 Only what decides DMA binding is rendered, in libvirt's order (checked against
 `virsh domxml-to-native` of libvirt 9.0 with QEMU 7.2): the machine, then every device
-as JSON `-device` with its id and guest address, the vIOMMU (`<iommu>`) first, the PCI
-controllers next (pci.N on bus pci.M), then the other devices, hostdevs as vfio-pci;
-then `-msg timestamp=on`, the last option libvirt writes itself; then the
-`<qemu:commandline>` arguments verbatim. That last part is how a vIOMMU given there
-lands after every device libvirt creates -- and why a key=val `-device` there is
-realized before all of them.
+as JSON `-device` with its id and guest address, the vIOMMU (`<iommu>`, id iommu0)
+first, the PCI controllers next (pci.N on bus pci.M), then the other devices, hostdevs
+as vfio-pci; then the `<qemu:commandline>` arguments verbatim; then `-msg timestamp=on`,
+libvirt's last option. That is how a vIOMMU given in <qemu:commandline> lands after
+every device libvirt creates -- and why a key=val `-device` there is realized before
+all of them.
 
 The XML is read without network or entity expansion (a DOCTYPE is refused outright:
 libvirt never writes one).
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 MAX_XML_BYTES = 4 << 20
-#: The last option libvirt writes itself; <qemu:commandline> arguments follow it.
+#: The last option libvirt writes; <qemu:commandline> arguments come before it.
 LIBVIRT_TAIL = ("-msg", "timestamp=on")
 
 
@@ -144,11 +144,11 @@ def domain_argv(text: str) -> DomainArgv:
             _other(r, el)
     for dev in r.devices:
         argv += ["-device", json.dumps(dev, separators=(",", ":"))]
-    argv += list(LIBVIRT_TAIL)
     start = len(argv)
     cmdline = dom.find(f"{{{QEMU_NS}}}commandline")
     if cmdline is not None:
         argv += [a.get("value", "") for a in cmdline.findall(f"{{{QEMU_NS}}}arg")]
+    argv += list(LIBVIRT_TAIL)
     return DomainArgv(name, tuple(argv), start, tuple(r.notes))
 
 

@@ -323,10 +323,11 @@ def test_domain_xml_renders_in_libvirts_order() -> None:
     }
     assert devices[1] == {"driver": "pcie-root-port", "id": "pci.1", "bus": "pcie.0", "addr": "0x2"}
     assert devices[2] == {"driver": "vfio-pci", "id": "hostdev0", "bus": "pci.1", "addr": "0x0"}
-    assert dom.argv[dom.commandline_start - 2 : dom.commandline_start] == ("-msg", "timestamp=on")
     assert dom.argv[dom.commandline_start :] == (
         "-device",
         "vfio-pci,id=hostdev0,sysfsdev=/x,bus=pcie.0,addr=0x9",
+        "-msg",
+        "timestamp=on",
     )
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from qmpguard.analysis.model import Verdict
 from qmpguard.analysis.preflight import preflight
 from qmpguard.analysis.vm import analyze
-from qmpguard.fix import Fix, fixes, keyval_text, libvirt_commandline_start, proxmox_vmid
+from qmpguard.fix import Fix, fixes, keyval_text, libvirt_made, proxmox_vmid
 from qmpguard.snapshot import load_snapshot
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -175,15 +175,15 @@ LIBVIRT_ARGV = [
     "-nodefaults",
     "-device",
     '{"driver":"pcie-root-port","port":8,"chassis":1,"id":"pci.1","bus":"pcie.0","addr":"0x1"}',
-    "-msg",
-    "timestamp=on",
 ]
+TAIL = ["-sandbox", "on,obsolete=deny", "-msg", "timestamp=on"]
 
 
 def test_libvirt_argv_shape() -> None:
-    assert libvirt_commandline_start(LIBVIRT_ARGV) == len(LIBVIRT_ARGV)
-    assert libvirt_commandline_start(["qemu", "-msg", "timestamp=on"]) is None
-    assert proxmox_vmid(LIBVIRT_ARGV) is None
+    assert libvirt_made([*LIBVIRT_ARGV, *TAIL])
+    assert not libvirt_made(LIBVIRT_ARGV)
+    assert not libvirt_made(["qemu", "-msg", "timestamp=on"])
+    assert proxmox_vmid([*LIBVIRT_ARGV, *TAIL]) is None
 
 
 def test_a_viommu_from_qemu_commandline_is_fixed_in_the_domain_xml() -> None:
@@ -193,6 +193,7 @@ def test_a_viommu_from_qemu_commandline_is_fixed_in_the_domain_xml() -> None:
         '{"driver":"vfio-pci","id":"hostdev0","sysfsdev":"/x","bus":"pci.1","addr":"0x0"}',
         "-device",
         '{"driver":"intel-iommu","intremap":"on","caching-mode":true}',
+        *TAIL,
     ]
     fix = fix_of(argv)
     assert fix.language == "libvirt"
@@ -211,6 +212,7 @@ def test_a_keyval_vfio_in_qemu_commandline_is_realized_before_libvirts_iommu() -
         "vfio-pci,id=hostdev0,sysfsdev=/x,bus=pcie.0,addr=0x9",
         "-device",
         "intel-iommu,caching-mode=on",
+        *TAIL,
     ]
     fix = fix_of(argv)
     assert fix.language == "libvirt"
