@@ -24,7 +24,8 @@ Syntax = Literal["kv", "kvd", "kvl", "json", "relaxed", "readconfig"]
 CfgStyle = Literal["plain", "tabs", "tight", "wide"]
 Machine = Literal["q35", "pc"]
 Monitor = Literal["qmp-unix", "qmp-tcp", "chardev-unix", "qmp-pretty"]
-Launcher = Literal["direct", "kvm-link", "wrapper"]
+#: wrapper: a shell script that execs QEMU; wrapper-fork: one that runs it as a child
+Launcher = Literal["direct", "kvm-link", "wrapper", "wrapper-fork"]
 Shape = Literal["hand", "proxmox", "libvirt"]
 
 RAM_MIB = 64
@@ -456,9 +457,12 @@ def render(s: Scenario, ctx: RenderContext) -> Rendered:
         links[bindir / "kvm"] = ctx.qemu.elf
         prefix = list(ctx.qemu.elf_args)
         env.update(dict(ctx.qemu.elf_env))
-    else:
+    elif s.launcher == "wrapper":
         argv0 = str(bindir / "qemu-wrapper")
         files[bindir / "qemu-wrapper"] = f'#!/bin/sh\nexec "{ctx.qemu.path}" "$@"\n'
+    else:  # the shell stays QEMU's parent (and in its process group)
+        argv0 = str(bindir / "qemu-wrapper")
+        files[bindir / "qemu-wrapper"] = f'#!/bin/sh\n"{ctx.qemu.path}" "$@"\nexit $?\n'
     argv = [argv0, *prefix]
 
     monitor_path = ctx.workdir / s.monitor_name

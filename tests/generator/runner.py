@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import re
 import signal
@@ -47,6 +48,7 @@ from tests.generator.model import (
     render,
 )
 
+PR_SET_PDEATHSIG = 1
 READY_TIMEOUT = 30.0
 GUEST_TIMEOUT = 30.0
 UNPLUG_TIMEOUT = 10.0
@@ -153,6 +155,9 @@ def _start(rendered: Rendered, ctx: RenderContext, so: Path) -> subprocess.Popen
     setup_path = str(ctx.setup_socket)
 
     def listen_in_child() -> None:
+        # QEMU dies with the process that started it, even one killed outright (a bench
+        # worker ended by SIGKILL cannot run its finally)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(setup_path)
         listener.listen(16)

@@ -221,7 +221,10 @@ def hand_scenarios(draw: Any, unusual_ids: bool = True, hot: bool = False) -> Sc
                 node.props["bypass_iommu"] = True
         b.nodes.append(node)
     # --- vfio devices and a filler
-    for _ in range(draw(st.integers(0 if hot else 1, 2 if hot else 3))):
+    n_vfio = draw(st.integers(0 if hot else 1, 2 if hot else 3))
+    if draw(st.integers(0, 9)) == 0:
+        n_vfio += 2  # now and then a crowd (anonymous matching, shared spaces)
+    for _ in range(n_vfio):
         buses = [p for p in b.buses() if b.bus_kind(p) != "pxb-pcie"]
         parent = draw(st.sampled_from(buses))
         driver = draw(st.sampled_from(["vfio-pci", "vfio-pci", "vfio-pci", "vfio-pci-nohotplug"]))
@@ -316,7 +319,7 @@ def hand_scenarios(draw: Any, unusual_ids: bool = True, hot: bool = False) -> Sc
             # TCP: no command line, the QMP-only evidence decides (where bugs hide)
             st.sampled_from(MONITORS)
         ),
-        launcher=draw(st.sampled_from(["direct", "direct", "kvm-link", "wrapper"])),
+        launcher=draw(st.sampled_from(["direct", "direct", "kvm-link", "wrapper", "wrapper-fork"])),
         bus_bypass=draw(st.integers(0, 5)) == 0,
         machine_last=draw(st.integers(0, 4)) == 0,
         hotplug=tuple(hot_ops),
