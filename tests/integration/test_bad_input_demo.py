@@ -14,7 +14,7 @@ import pytest
 
 from qmpguard.demo.fakevfio import SOURCE, cached_name
 from tests.conftest import requires_qemu
-from tests.integration.test_bad_input import assert_one_line_error, qmpguard
+from tests.integration.support import assert_one_line_error, qmpguard
 
 pytestmark = pytest.mark.integration
 NOBODY = 65534

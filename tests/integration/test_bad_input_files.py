@@ -17,7 +17,7 @@ import pytest
 
 from qmpguard.daemon.settings import MAX_CONFIG_BYTES
 from qmpguard.snapshot import MAX_SNAPSHOT_BYTES
-from tests.integration.test_bad_input import (
+from tests.integration.support import (
     SNAPSHOT,
     assert_one_line_error,
     fifo,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_bad_input import running_daemon, sparse, wait_for
+from tests.integration.support import running_daemon, sparse, wait_for
 
 pytestmark = pytest.mark.integration
 

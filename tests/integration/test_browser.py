@@ -34,9 +34,8 @@ from qemu.qmp import QMPClient
 from qmpguard.demo.fakevfio import VfioDeviceSpec, create_sysfs_device, emulation_env
 from qmpguard.demo.qemu_process import QemuProcess
 from tests.conftest import ARTIFACTS, QEMU_MATRIX, VmFactory, requires_qemu
-from tests.integration.test_daemon import Daemon, daemon, fakevfio, wait_for
+from tests.integration.support import Daemon, wait_for
 
-__all__ = ["daemon", "fakevfio"]  # fixtures used here
 pytestmark = [
     pytest.mark.integration,
     requires_qemu,

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import resource
-import shutil
 import signal
 import socket
 import ssl
@@ -15,11 +12,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-from urllib.parse import quote
 
 import pytest
 from qemu.qmp import QMPClient
@@ -28,156 +22,25 @@ from qemu.qmp.message import Message
 from qmpguard.daemon.watch import PokeListener
 from qmpguard.demo.fakevfio import (
     VfioDeviceSpec,
-    build_emulation,
     create_sysfs_device,
     emulation_env,
 )
-from qmpguard.demo.qemu_process import QemuProcess
 from qmpguard.inspect import inspect_target
 from qmpguard.qmp.transport import Timeouts
 from qmpguard.targets import parse_target
 from tests.conftest import VmFactory, requires_qemu, setup_client
 from tests.hostile_peer import MODES, HostileFakeQMPPeer
-
-pytestmark = [pytest.mark.integration, requires_qemu]
-BASE_VM = (
-    "-S",
-    "-M",
-    "q35,kernel-irqchip=split",
-    "-m",
-    "64",
-    "-device",
-    "intel-iommu,id=viommu,caching-mode=on",
+from tests.integration.support import (
+    BASE_VM,
+    Daemon,
+    free_port,
+    misbound_vm,
+    requires_openssl,
+    self_signed_cert,
+    wait_for,
 )
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(cond: Callable[[], Any], timeout: float = 20, what: str = "condition") -> Any:
-    """Poll `cond` until it returns something truthy; bounded by `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
-@dataclass
-class Daemon:
-    proc: subprocess.Popen[str]
-    port: int
-    token: str | None = None
-    log: Path | None = None
-
-    def log_lines(self) -> list[dict[str, Any]]:
-        """The daemon's JSON log so far (every line must be JSON)."""
-        assert self.log is not None
-        return [json.loads(line) for line in self.log.read_text().splitlines() if line]
-
-    def get(self, path: str, token: str | None = None) -> tuple[int, str]:
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}")
-        if token or self.token:
-            req.add_header("Authorization", f"Bearer {token or self.token}")
-        try:
-            with urllib.request.urlopen(req, timeout=5) as resp:
-                return resp.status, resp.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-
-    def vms(self) -> dict[str, dict[str, Any]]:
-        status, body = self.get("/api/v1/vms")
-        assert status == 200, body
-        return {vm["name"]: vm for vm in json.loads(body)}
-
-    def vm(self, name: str) -> dict[str, Any]:
-        status, body = self.get(f"/api/v1/vms/{quote(name, safe='')}")
-        assert status == 200, body
-        return dict(json.loads(body))
-
-    def metrics(self) -> str:
-        return self.get("/metrics")[1]
-
-
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
-    started: list[subprocess.Popen[str]] = []
-
-    def start(*args: str, token: str | None = None, nofile: int | None = None) -> Daemon:
-        """A daemon on a free port; `nofile` sets its RLIMIT_NOFILE (soft and hard)."""
-        port = free_port()
-
-        def limit_fds() -> None:
-            if nofile is not None:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
-
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "qmpguard",
-                "daemon",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--log-format",
-                "json",
-                *args,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=open(tmp_path / f"daemon-{port}.log", "w"),  # noqa: SIM115
-            text=True,
-            preexec_fn=limit_fds if nofile is not None else None,
-        )
-        started.append(proc)
-        d = Daemon(proc, port, token, tmp_path / f"daemon-{port}.log")
-
-        def healthy() -> bool:
-            assert proc.poll() is None, (tmp_path / f"daemon-{port}.log").read_text()
-            with contextlib.suppress(OSError):
-                return d.get("/healthz")[0] == 200
-            return False
-
-        wait_for(healthy, what="daemon to listen")
-        return d
-
-    try:
-        yield start
-    finally:
-        for proc in started:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-
-
-@pytest.fixture(scope="module")
-def fakevfio(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_emulation(tmp_path_factory.mktemp("fakevfio"))
-
-
-def misbound_vm(qemu_vm: VmFactory, tmp_path: Path, so: Path, name: str) -> QemuProcess:
-    sysfs = create_sysfs_device(tmp_path / f"{name}-dev", VfioDeviceSpec("0000:01:00.0", 1))
-    return qemu_vm(
-        "-S",
-        "-M",
-        "q35,kernel-irqchip=split",
-        "-m",
-        "64",
-        "-device",
-        f"vfio-pci,id=hostdev0,sysfsdev={sysfs},rombar=0",
-        "-device",
-        "intel-iommu,id=viommu,caching-mode=on",
-        name=name,
-        env=emulation_env(so, tmp_path / f"{name}.dma"),
-    )
+pytestmark = [pytest.mark.integration, requires_qemu]
 
 
 def test_discovery_findings_metrics_and_removal(
@@ -335,10 +198,13 @@ def test_sighup_reload_and_sigterm(
     b.mkdir()
     config = tmp_path / "config.toml"
     config.write_text(f'watch = ["{a}/*.qmp"]\ninterval = 5\n')
+    watched = qemu_vm(*BASE_VM, name="a/vm6")
     vm = qemu_vm(*BASE_VM, name="b/vm7")
     d = daemon("--config", str(config))
     name = f"unix:{vm.qmp_path}"
-    time.sleep(0)  # (no waiting: the VM is not watched yet, and must not show up)
+    # Once the daemon has inspected the VM it does watch, a scan has run: the other one,
+    # outside its globs, must not be there.
+    wait_for(lambda: d.vms().get(f"unix:{watched.qmp_path}", {}).get("status") == "ok")
     assert name not in d.vms()
     config.write_text(f'watch = ["{a}/*.qmp", "{b}/*.qmp"]\ninterval = 5\n')
     d.proc.send_signal(signal.SIGHUP)
@@ -417,39 +283,6 @@ def test_malformed_http_requests_get_4xx(daemon: Callable[..., Daemon]) -> None:
             status_line,
         )
     assert d.get("/healthz")[0] == 200
-
-
-requires_openssl = pytest.mark.skipif(
-    shutil.which("openssl") is None, reason="openssl CLI not installed"
-)
-
-
-def self_signed_cert(tmp_path: Path) -> tuple[Path, Path]:
-    """A throwaway certificate for 127.0.0.1 and its key."""
-    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
 
 
 @requires_openssl

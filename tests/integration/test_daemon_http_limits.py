@@ -29,11 +29,9 @@ import pytest
 
 from qmpguard.daemon.web import REQUEST_DEADLINE_S
 from tests.conftest import VmFactory, requires_qemu
-from tests.integration.test_daemon import (
+from tests.integration.support import (
     BASE_VM,
     Daemon,
-    daemon,
-    fakevfio,
     free_port,
     misbound_vm,
     requires_openssl,
@@ -41,7 +39,6 @@ from tests.integration.test_daemon import (
     wait_for,
 )
 
-__all__ = ["daemon", "fakevfio"]  # fixtures, used by name
 pytestmark = [pytest.mark.integration]
 
 #: The daemon's fd limit in these tests: its connection cap is a quarter, 64.

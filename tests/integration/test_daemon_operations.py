@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import ssl
 import stat
 import subprocess
@@ -25,34 +24,21 @@ from typing import Any
 
 import pytest
 
-from qmpguard.demo.fakevfio import VfioDeviceSpec, create_sysfs_device, emulation_env
-from qmpguard.demo.qemu_process import QemuProcess
-from qmpguard.demo.run import demo_vm_args
-from tests.conftest import QEMU_X86, VmFactory, requires_qemu
+from tests.conftest import VmFactory, requires_qemu
 from tests.hostile_peer import HostileFakeQMPPeer
-from tests.integration import test_daemon as base
-from tests.integration.test_daemon import Daemon, free_port, requires_openssl, wait_for
+from tests.integration.support import (
+    Daemon,
+    demo_vm,
+    free_port,
+    monitor_held,
+    requires_openssl,
+    self_signed_cert,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.integration]
 
 JSON_LOG = ("--log-format", "json")
-daemon = base.daemon  # the real-daemon fixture (a process on a free port, JSON log)
-fakevfio = base.fakevfio  # the VFIO emulation, built once per module
-
-
-def demo_vm(
-    qemu_vm: VmFactory, tmp_path: Path, so: Path, name: str, viommu_first: bool
-) -> QemuProcess:
-    """One of `qmpguard demo`'s VMs (good-vm: vIOMMU first; bad-vm: vfio first, QG001),
-    on the first QEMU of the matrix only: these tests are about the daemon, not QEMU."""
-    group = 40 if viommu_first else 41
-    sysfs = create_sysfs_device(tmp_path / name, VfioDeviceSpec(f"0000:0{group - 39}:00.0", group))
-    return qemu_vm(
-        *demo_vm_args(name, sysfs, viommu_first),
-        name=name,
-        binary=QEMU_X86,
-        env=emulation_env(so, tmp_path / f"{name}.dma.log"),
-    )
 
 
 def samples(metrics: str, family: str) -> dict[str, float]:
@@ -79,20 +65,6 @@ def promtool_check_metrics(text: str) -> None:
         [promtool(), "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
-@contextlib.contextmanager
-def monitor_held(path: Path) -> Iterator[None]:
-    """Another client on the VM's only monitor: a plain socket that has read QEMU's
-    greeting (so QEMU serves it) and stays open; every other client waits unanswered."""
-    holder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    holder.settimeout(5)
-    holder.connect(str(path))
-    try:
-        assert b'"QMP"' in holder.recv(65536)  # QEMU is serving this client now
-        yield
-    finally:
-        holder.close()
 
 
 @requires_qemu
@@ -229,7 +201,7 @@ def test_sighup_applies_token_tls_concurrency_and_names_what_needs_a_restart(
     old_token, new_token = "old-token-0123456789", "new-token-9876543210"
     (tmp_path / "old.token").write_text(old_token + "\n")
     (tmp_path / "new.token").write_text(new_token + "\n")
-    cert, key = base.self_signed_cert(tmp_path)
+    cert, key = self_signed_cert(tmp_path)
     config = tmp_path / "daemon.toml"
     port = free_port()
     common = f'watch = ["{tmp_path}/h*.qmp"]\ninterval = 1\n[timeouts]\ngreeting = 5\n'

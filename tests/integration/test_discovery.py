@@ -11,18 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import select
-import shlex
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
@@ -40,100 +31,13 @@ from qmpguard.discovery.model import (
 from qmpguard.discovery.probe import probe
 from qmpguard.inspect import inspect_target
 from qmpguard.targets import parse_target
-from tests.conftest import AUDIT, QEMU_X86, SETUP_MARKER, VmFactory, audit_qmp_trace
+from tests.conftest import SETUP_MARKER, VmFactory
+from tests.integration.support import found, namespaced_qemu, needs_namespaces
 
 pytestmark = pytest.mark.integration
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 NOBODY = 65534
 OTHER_UID = 4242  # an unprivileged user that owns no process here
-
-needs_namespaces = pytest.mark.skipif(
-    os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("setpriv"),
-    reason="needs root, unshare and setpriv (util-linux)",
-)
-
-
-@dataclass
-class NamespacedQemu:
-    pid: int
-    socket: str  # the QMP socket's path inside its mount namespace
-    workdir: Path
-
-
-def _wait_gone(pidfd: int, timeout: float) -> bool:
-    """Wait on a pidfd (readable once the process exits): no polling, no sleeps."""
-    poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
-    return bool(poller.poll(timeout * 1000))
-
-
-@contextlib.contextmanager
-def namespaced_qemu(name: str, user: int | None = None) -> Iterator[NamespacedQemu]:
-    """QEMU in its own mount namespace, its QMP socket on a private tmpfs that our
-    namespace cannot see; as `user` if given. QEMU daemonizes once its monitor listens,
-    so when `unshare` returns the socket is ready."""
-    work = Path(tempfile.mkdtemp(prefix="qmpguard-discovery-"))
-    work.chmod(0o711)
-    private, host = work / "private", work / "host"
-    private.mkdir()
-    host.mkdir()
-    owner = "size=1m,mode=0700"
-    run_as: list[str] = []
-    if user is not None:
-        os.chown(host, user, user)
-        owner += f",uid={user},gid={user}"
-        run_as = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"]
-    sock, pidfile, trace = private / "vm.qmp", host / "qemu.pid", host / "trace.log"
-    qemu = [
-        *run_as,
-        QEMU_X86,
-        "-nodefaults",
-        "-display",
-        "none",
-        "-S",
-        "-M",
-        "q35",
-        "-name",
-        f"guest={name}",
-        "-qmp",
-        f"unix:{sock},server=on,wait=off",
-        "-trace",
-        f"handle_qmp_command,file={trace}",
-        "-daemonize",
-        "-pidfile",
-        str(pidfile),
-    ]
-    script = f"mount -t tmpfs -o {owner} qmpguard-test {private} && exec {shlex.join(qemu)}"
-    try:
-        subprocess.run(
-            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
-        pid = int(pidfile.read_text())
-        pidfd = os.pidfd_open(pid)
-        try:
-            yield NamespacedQemu(pid, str(sock), work)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-            if not _wait_gone(pidfd, 10):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                _wait_gone(pidfd, 10)
-            os.close(pidfd)
-            AUDIT["vms"] += 1
-            refused = audit_qmp_trace(trace)
-            assert not refused, f"qmpguard sent commands outside the allow-list: {refused}"
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def found(pid: int, **kwargs: Any) -> Any:
-    vms = asyncio.run(discover(only=[pid], **kwargs))
-    assert len(vms) == 1, f"process {pid} not found as QEMU"
-    return vms[0]
 
 
 @needs_namespaces

@@ -28,16 +28,18 @@ from qmpguard.discovery.render import vm_json
 from qmpguard.inspect import inspect_target
 from qmpguard.targets import parse_target
 from tests.conftest import SETUP_MARKER
-from tests.integration import test_daemon, test_libvirt
-from tests.integration.test_daemon import wait_for
-from tests.integration.test_discovery import found, namespaced_qemu, needs_namespaces
+from tests.integration.support import (
+    NO_VIOMMU,
+    found,
+    namespaced_qemu,
+    needs_namespaces,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 NOBODY = 65534
 OTHER_UID = 4242  # an unprivileged user that owns no process here
-NO_VIOMMU = test_libvirt.NO_VIOMMU
-libvirt_domain = test_libvirt.libvirt_domain  # the fixture: real domains of the real libvirtd
 
 
 # ---------------------------------------------------------------- libvirt
@@ -202,8 +204,6 @@ def test_what_each_privilege_level_can_discover(libvirt_domain: Callable[..., st
 
 
 # ---------------------------------------------------------------- the daemon
-
-daemon = test_daemon.daemon  # the fixture: a real daemon process on a free port
 
 
 def _json_lines(path: Path) -> list[str]:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,40 +16,12 @@ import pytest
 from qmpguard.inspect import inspect_target
 from qmpguard.report.document import target_json
 from qmpguard.targets import parse_target
-from tests.conftest import audit_qmp_trace, record_evidence
+from tests.conftest import record_evidence
+from tests.integration.support import NO_VIOMMU, _connect
 
 libvirt = pytest.importorskip("libvirt")
 pytestmark = pytest.mark.integration
-URI = "qemu:///system"
-TRACE_DIR = Path("/var/lib/libvirt/qemu/qmpguard-test-traces")
 
-
-def _connect() -> Any:
-    try:
-        return libvirt.open(URI)
-    except libvirt.libvirtError as exc:
-        if os.environ.get("CI"):
-            raise  # CI installs and starts libvirtd: not reaching it is a failure
-        pytest.skip(f"no libvirtd at {URI}: {exc}")
-
-
-DOMAIN = """<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
-  <name>{name}</name>
-  <memory unit='MiB'>64</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='q35'>hvm</type></os>
-  {features}
-  <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <controller type='pci' model='pcie-root'/>
-    {devices}
-    <memballoon model='none'/>
-  </devices>
-  <qemu:commandline>
-    <qemu:arg value='-trace'/>
-    <qemu:arg value='handle_qmp_command,file={trace}'/>
-  </qemu:commandline>
-</domain>"""
 
 INTEL_WITH_BRIDGE = dict(
     features="<features><ioapic driver='qemu'/></features>",
@@ -64,40 +34,6 @@ INTEL_WITH_BRIDGE = dict(
     <interface type='user'><model type='virtio'/><driver iommu='on'/></interface>
     <iommu model='intel'><driver intremap='on' caching_mode='on'/></iommu>""",
 )
-NO_VIOMMU = dict(features="", devices="<interface type='user'><model type='e1000e'/></interface>")
-
-
-@pytest.fixture
-def libvirt_domain() -> Iterator[Callable[[dict[str, str]], str]]:
-    """Define and start (paused) libvirt domains; destroy and undefine them at teardown."""
-    conn = _connect()
-    TRACE_DIR.mkdir(mode=0o777, parents=True, exist_ok=True)
-    TRACE_DIR.chmod(0o777)
-    made: list[tuple[Any, Path]] = []
-
-    def start(kind: dict[str, str]) -> str:
-        name = f"qmpguard-test-{uuid.uuid4().hex[:8]}"
-        trace = TRACE_DIR / f"{name}.log"
-        dom = conn.defineXML(DOMAIN.format(name=name, trace=trace, **kind))
-        made.append((dom, trace))
-        dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
-        return name
-
-    try:
-        yield start
-    finally:
-        refused = []
-        for dom, trace in made:
-            if dom.isActive():
-                dom.destroy()
-            dom.undefine()
-            refused += audit_qmp_trace(trace)
-            trace.unlink(missing_ok=True)
-        conn.close()
-        # libvirt's own commands (qmp_capabilities, query-*, ...) pass too, except the
-        # ones it sends to manage the VM: only qmpguard's are judged here.
-        ours = [r for r in refused if "qom-" in r or "human-monitor" in r]
-        assert not ours, ours
 
 
 def check(name: str) -> dict[str, Any]:
@@ -170,7 +106,7 @@ def test_daemon_follows_domain_start_and_stop(
     libvirt_domain: Callable[..., str], tmp_path: Path
 ) -> None:
     """With a 10-minute rescan, only libvirt's lifecycle events can make this fast."""
-    from tests.integration.test_daemon import Daemon, free_port, wait_for
+    from tests.integration.support import Daemon, free_port, wait_for
 
     config = tmp_path / "config.toml"
     config.write_text('watch = []\nrescan_interval = 600\nlibvirt_uris = ["qemu:///system"]\n')

@@ -25,9 +25,7 @@ import pytest
 import yaml
 
 from tests.conftest import VmFactory, requires_qemu
-from tests.integration import test_daemon as base
-from tests.integration.test_daemon import Daemon, free_port, wait_for
-from tests.integration.test_daemon_operations import demo_vm, monitor_held
+from tests.integration.support import Daemon, demo_vm, free_port, monitor_held, wait_for
 
 pytestmark = [pytest.mark.integration, requires_qemu]
 
@@ -36,9 +34,6 @@ DASHBOARD = DEPLOY / "grafana-dashboard.json"
 PROMETHEUS = "/usr/bin/prometheus"
 #: What Grafana puts for its variables when every host is selected.
 GRAFANA_VARIABLES = {"$instance": ".+", "$__rate_interval": "5s"}
-
-daemon = base.daemon
-fakevfio = base.fakevfio
 
 
 def dashboard_queries() -> list[tuple[str, str]]:
