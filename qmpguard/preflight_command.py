@@ -182,6 +182,10 @@ def load(args: argparse.Namespace) -> Loaded:
     argv = list(args.argv)
     if argv[:1] == ["--"]:
         argv = argv[1:]
+    if argv and (getattr(args, "libvirt_xml", None) or getattr(args, "cmdline_file", None)):
+        raise InputError(
+            "give the command line once: -- QEMU ARGS, --cmdline-file or --libvirt-xml"
+        )
     if getattr(args, "libvirt_xml", None):
         raw = _read_bounded(args.libvirt_xml, MAX_XML_BYTES, "domain XML")
         try:

@@ -658,6 +658,11 @@ def _realize(b: _Build, cd: CliDevice) -> None:
     dev = b.plug(path, driver, cd.id, bus, devfn)
     dev.cli = cd
     b.placements.append(Placement(cd, path, bus.path, dev.devfn, uncertain, others))
+    if others:
+        b.notes.append(
+            f"{driver} ({cd.source}): bus={cd.prop('bus')} names {1 + len(others)} buses; "
+            f"QEMU takes the first its search meets (newest first): {bus.path}"
+        )
     if driver in BRIDGE_BUS:
         bus_type = BRIDGE_BUS[driver]
         b.add_child_bus(dev, cd.id or b.auto_name(bus_type), bus_type)
