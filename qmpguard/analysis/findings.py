@@ -76,7 +76,12 @@ def _reorder_text(dev: DeviceAnalysis, vm: VmAnalysis | None) -> str:
     if vm is not None:
         from qmpguard.fix import fix_for  # imports the analysis: not at module level
 
-        concrete = fix_for(vm, dev)
+        try:
+            concrete = fix_for(vm, dev)
+        except (RecursionError, ValueError, KeyError, LookupError):
+            # A fix is advice: a command line it cannot rewrite must never cost the
+            # verdict (seen: a bus graph the rewriter looped on). The general text stays.
+            concrete = None
         if concrete is not None:
             return concrete.text
     return (
