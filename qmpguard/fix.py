@@ -29,7 +29,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from qmpguard import qemu_types as T
+from qmpguard import qemu_names as T
 from qmpguard.analysis.cmdline import CliDevice, DeviceSyntax
 from qmpguard.analysis.libvirt_xml import LIBVIRT_TAIL
 from qmpguard.analysis.model import Verdict
@@ -37,6 +37,7 @@ from qmpguard.analysis.viommu_models import model
 
 if TYPE_CHECKING:
     from qmpguard.analysis.preflight import Preflight
+    from qmpguard.analysis.topology import Topology
     from qmpguard.analysis.vm import DeviceAnalysis, VmAnalysis
 
 Language = Literal["command-line", "libvirt", "proxmox", "none"]
@@ -176,15 +177,31 @@ def _verify(original: Preflight, argv: list[str]) -> str | None:
     return None
 
 
-def _layout(pf: Preflight) -> Counter[tuple[str, str | None, str | None, int | None]]:
-    """Every device option's bus and address (vIOMMUs left out: the fix moves them)."""
+def _layout(pf: Preflight) -> Counter[tuple[object, ...]]:
+    """Every device option's bus and address (vIOMMUs left out: the fix moves them). A bus
+    is named by its place (bus names and bridge slots from the root), not its QOM path:
+    moving an anonymous vIOMMU renumbers anonymous bridges, not where anything sits."""
     from qmpguard.analysis.preflight import canonical_driver
 
+    topo = pf.facts.topology
     return Counter(
-        (p.option.driver, p.option.id, p.bus, p.devfn)
+        (p.option.driver, p.option.id, _place(topo, p.bus), p.devfn)
         for p in pf.placements
         if canonical_driver(p.option.driver) not in T.VIOMMU_TYPES
     )
+
+
+def _place(topo: Topology, bus_path: str | None) -> tuple[object, ...]:
+    out: list[object] = []
+    while bus_path is not None and bus_path in topo.buses and len(out) < 128:
+        bus = topo.buses[bus_path]
+        out.append(bus.path.rsplit("/", 1)[-1])
+        if bus.parent_device is None:
+            break
+        owner = topo.devices[bus.parent_device]
+        out.append(owner.devfn)
+        bus_path = owner.bus
+    return tuple(reversed(out)) if out else (bus_path,)
 
 
 # ------------------------------------------------------------------ the fix

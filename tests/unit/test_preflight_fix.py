@@ -16,7 +16,7 @@ from pathlib import Path
 
 from qmpguard.analysis.model import Verdict
 from qmpguard.analysis.preflight import preflight
-from qmpguard.analysis.vm import analyze
+from qmpguard.analysis.vm import analyse
 from qmpguard.fix import Fix, fixes, keyval_text, libvirt_made, proxmox_vmid
 from qmpguard.snapshot import load_snapshot
 
@@ -141,6 +141,20 @@ def test_a_moved_pci_viommu_keeps_its_slot() -> None:
     }
 
 
+def test_moving_an_anonymous_viommu_past_anonymous_bridges_is_still_a_fix() -> None:
+    """The move renumbers device[N] (the bridge's QOM path changes), not where devices
+    sit: the rewrite is verified by place, and offered."""
+    argv = shlex.split(
+        "qemu-system-x86_64 -M q35 -nodefaults "
+        "-device vfio-pci,host=0000:01:00.0,bus=pcie.0,addr=9 "
+        "-device pcie-pci-bridge,bus=pcie.0,addr=5 -device e1000,bus=pci.0,addr=1 "
+        "-device intel-iommu,caching-mode=on"
+    )
+    fix = fix_of(argv)
+    assert fix.argv is not None, fix.text
+    assert fix.argv[4:6] == ("-device", "intel-iommu,caching-mode=on")
+
+
 def test_emulated_smmuv3_gets_what_works_instead() -> None:
     argv = shlex.split(
         "qemu-system-aarch64 -M virt -device vfio-pci,host=0000:01:00.0,id=h0 "
@@ -256,7 +270,7 @@ def test_check_findings_carry_the_fix_from_the_vms_own_command_line() -> None:
     for path in sorted(DATA.glob("q35-intel-vfio-after-*.json")):
         if path.name.endswith(".truth.json"):
             continue
-        vm = analyze(load_snapshot(path))
+        vm = analyse(load_snapshot(path))
         qg001 = [f for f in vm.findings if f.code == "QG001"]
         assert qg001, path
         assert "Corrected command line: " in qg001[0].message, qg001[0].message
@@ -265,6 +279,6 @@ def test_check_findings_carry_the_fix_from_the_vms_own_command_line() -> None:
 
 def test_without_a_command_line_the_fix_stays_general() -> None:
     path = next(p for p in sorted(DATA.glob("q35-intel-vfio-after-paused-*.json")))
-    vm = analyze(load_snapshot(path).without_cmdline())
+    vm = analyse(load_snapshot(path).without_cmdline())
     qg001 = [f for f in vm.findings if f.code == "QG001"]
     assert qg001 and "put its -device option before the vfio device's" in qg001[0].message
