@@ -3,7 +3,7 @@
     .venv/bin/python bench/collection.py [--sizes 10,60,200] [--repeat 5]
 
 For each VM size (PCI devices in the VM), measures:
-  qmpguard       in-process open_session + collect + analyze (median of --repeat)
+  qmpguard       in-process open_session + collect + analyse (median of --repeat)
   qom-list walk  a bare recursive qom-list of the whole QOM tree from "/"
   qom tree       QEMU's own `qom tree` algorithm: qom-list every node, qom-get every property
   check process  the whole `qmpguard check` process (median), vs the qom tree algorithm
@@ -24,7 +24,7 @@ from typing import Any
 
 from qemu.qmp import ExecuteError, QMPClient
 
-from qmpguard.analysis.vm import analyze
+from qmpguard.analysis.vm import analyse
 from qmpguard.collect import collect
 from qmpguard.demo.qemu_process import QemuProcess
 from qmpguard.qmp.transport import open_session
@@ -99,7 +99,7 @@ async def qmpguard_once(path: str) -> tuple[int, float, int]:
     start = time.perf_counter()
     async with open_session(parse_target(path)) as session:
         snap = await collect(session)
-    vm = analyze(snap)
+    vm = analyse(snap)
     return session.commands_sent, time.perf_counter() - start, len(vm.devices)
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from qmpguard.demo.qemu_process import QemuProcess
-from qmpguard.inspect import snapshot_target
+from qmpguard.inspection import snapshot_target
 from qmpguard.snapshot import reply_key
 from qmpguard.targets import parse_target
 from tests.qmp_stream import QMPStreamReader

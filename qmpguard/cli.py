@@ -21,7 +21,7 @@ from qmpguard.defaults import (
 )
 from qmpguard.discovery import command as discover_command
 from qmpguard.errors import ErrorReason, InspectionError
-from qmpguard.inspect import analyse_snapshot, inspect_many, snapshot_target
+from qmpguard.inspection import analyse_snapshot, inspect_many, snapshot_target
 from qmpguard.logs import configure_logging
 from qmpguard.preflight_command import add_parsers as add_preflight_parsers
 from qmpguard.preflight_command import run_exec, run_preflight

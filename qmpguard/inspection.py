@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Iterable
 import structlog
 
 from qmpguard.analysis.shape import ReplyShapeError
-from qmpguard.analysis.vm import analyze
+from qmpguard.analysis.vm import analyse
 from qmpguard.collect import collect
 from qmpguard.defaults import INSPECTIONS_AT_ONCE, TARGET_TIMEOUT_S
 from qmpguard.errors import ErrorReason, InspectionError
@@ -21,13 +21,13 @@ from qmpguard.result import TargetResult
 from qmpguard.snapshot import Snapshot, SnapshotError
 from qmpguard.targets import Target
 
-log = structlog.get_logger("qmpguard.inspect")
+log = structlog.get_logger("qmpguard.inspection")
 
 
 def analyse_snapshot(target: str, snap: Snapshot) -> TargetResult:
     """Analyse a snapshot; a reply of the wrong shape becomes an error result."""
     try:
-        return TargetResult(target, snap, analyze(snap), None)
+        return TargetResult(target, snap, analyse(snap), None)
     except (ReplyShapeError, SnapshotError, KeyError, RecursionError) as exc:
         err = InspectionError(ErrorReason.BAD_REPLY, f"unexpected QMP data: {exc}")
         return TargetResult(target, snap, None, err)

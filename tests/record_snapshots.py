@@ -40,7 +40,7 @@ from qmpguard.demo.fakevfio import (
     mapped_bytes_by_group,
 )
 from qmpguard.demo.qemu_process import QemuProcess, qemu_binary
-from qmpguard.inspect import snapshot_target
+from qmpguard.inspection import snapshot_target
 from qmpguard.snapshot import Snapshot, write_json_atomically
 from qmpguard.targets import parse_target
 from tests import scenarios

@@ -14,11 +14,11 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from qmpguard import qemu_types as T
+from qmpguard import qemu_names as T
 from qmpguard.analysis.qtree import QtreeBus, QtreeDevice, TypeFacts, parse_device_tree, type_facts
 from qmpguard.analysis.shape import ReplyShapeError, qom_list
 from qmpguard.analysis.topology import PciBus, PciDevice, Topology
-from qmpguard.qemu_types import HMP_QTREE, child_type, link_type
+from qmpguard.qemu_names import HMP_QTREE, child_type, link_type
 from qmpguard.snapshot import Snapshot
 
 PERIPHERAL = "/machine/peripheral/"

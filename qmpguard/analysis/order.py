@@ -20,7 +20,7 @@ from qmpguard.analysis.mtree import AddressSpaceEntry
 from qmpguard.analysis.shape import qom_list
 from qmpguard.analysis.topology import PciDevice, Topology
 from qmpguard.analysis.viommu import VIommu
-from qmpguard.qemu_types import child_type
+from qmpguard.qemu_names import child_type
 from qmpguard.snapshot import Snapshot
 
 

@@ -35,7 +35,7 @@ import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
-from qmpguard import qemu_types as T
+from qmpguard import qemu_names as T
 from qmpguard.analysis.binding import ExpectedBinding, Requester, expected_binding
 from qmpguard.analysis.cmdline import (
     _FLAGS,

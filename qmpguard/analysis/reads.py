@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from qmpguard import qemu_types as T
+from qmpguard import qemu_names as T
 from qmpguard.analysis.cmdline import parse_cmdline
 from qmpguard.analysis.locate import locate
 from qmpguard.analysis.shape import ReplyShapeError, qom_get
 from qmpguard.analysis.topology import Topology, needs_hotplugged_read, with_hotplug
 from qmpguard.analysis.viommu import viommu_reads
-from qmpguard.qemu_types import HMP_MTREE, HMP_QTREE
+from qmpguard.qemu_names import HMP_MTREE, HMP_QTREE
 from qmpguard.snapshot import Snapshot
 
 Read = tuple[str, dict[str, Any]]

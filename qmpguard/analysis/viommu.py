@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qmpguard import qemu_types as T
+from qmpguard import qemu_names as T
 from qmpguard.analysis.shape import qom_get, qom_list
 from qmpguard.analysis.topology import Topology, is_builtin
 from qmpguard.analysis.viommu_models import (
@@ -13,7 +13,7 @@ from qmpguard.analysis.viommu_models import (
     passthrough,
     refuses_vfio_after,
 )
-from qmpguard.qemu_types import child_type
+from qmpguard.qemu_names import child_type
 from qmpguard.snapshot import Snapshot
 
 

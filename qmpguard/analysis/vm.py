@@ -13,7 +13,7 @@ from qmpguard.analysis.order import OrderContext, order_context, order_of
 from qmpguard.analysis.reads import placed_topology
 from qmpguard.analysis.topology import PciDevice, Topology
 from qmpguard.analysis.viommu import VIommu, find_viommus
-from qmpguard.qemu_types import HMP_MTREE
+from qmpguard.qemu_names import HMP_MTREE
 from qmpguard.snapshot import Snapshot
 
 
@@ -164,6 +164,6 @@ def judge(facts: VmFacts, snap: Snapshot | None = None) -> VmAnalysis:
     return replace(vm, findings=findings)
 
 
-def analyze(snap: Snapshot) -> VmAnalysis:
+def analyse(snap: Snapshot) -> VmAnalysis:
     """Pure: a Snapshot in, every verdict and finding out."""
     return judge(snapshot_facts(snap), snap)

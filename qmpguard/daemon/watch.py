@@ -31,7 +31,7 @@ from qmpguard.daemon.results import ResultStore
 from qmpguard.daemon.settings import Settings
 from qmpguard.discovery import ProcessTargets
 from qmpguard.errors import ErrorReason, InspectionError
-from qmpguard.inspect import inspect_session, inspect_target
+from qmpguard.inspection import inspect_session, inspect_target
 from qmpguard.qmp.guard import Timeouts
 from qmpguard.qmp.libvirt import running_domains
 from qmpguard.qmp.transport import open_session

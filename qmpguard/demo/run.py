@@ -25,7 +25,7 @@ from qmpguard.demo.fakevfio import (
     private_cache_dir,
 )
 from qmpguard.demo.qemu_process import QemuProcess
-from qmpguard.inspect import inspect_many
+from qmpguard.inspection import inspect_many
 from qmpguard.report.document import report_json
 from qmpguard.report.table import render_report
 from qmpguard.result import TargetResult

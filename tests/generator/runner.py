@@ -35,7 +35,7 @@ from qmpguard.demo.fakevfio import (
     emulation_env,
     mapped_bytes_by_group,
 )
-from qmpguard.inspect import inspect_target
+from qmpguard.inspection import inspect_target
 from qmpguard.report.document import target_json
 from qmpguard.targets import parse_target
 from tests.conftest import AUDIT, SETUP_MARKER, audit_qmp_trace

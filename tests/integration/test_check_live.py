@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from qemu.qmp import QMPClient
 
-from qmpguard.inspect import analyse_snapshot, inspect_target
+from qmpguard.inspection import analyse_snapshot, inspect_target
 from qmpguard.qmp.transport import Timeouts
 from qmpguard.report.document import report_json, target_json
 from qmpguard.snapshot import load_snapshot

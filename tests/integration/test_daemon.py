@@ -25,7 +25,7 @@ from qmpguard.demo.fakevfio import (
     create_sysfs_device,
     emulation_env,
 )
-from qmpguard.inspect import inspect_target
+from qmpguard.inspection import inspect_target
 from qmpguard.qmp.transport import Timeouts
 from qmpguard.targets import parse_target
 from tests.conftest import VmFactory, requires_qemu, setup_client

@@ -29,7 +29,7 @@ from qmpguard.discovery.model import (
     Unavailable,
 )
 from qmpguard.discovery.probe import probe
-from qmpguard.inspect import inspect_target
+from qmpguard.inspection import inspect_target
 from qmpguard.targets import parse_target
 from tests.conftest import SETUP_MARKER, VmFactory
 from tests.integration.support import found, namespaced_qemu, needs_namespaces

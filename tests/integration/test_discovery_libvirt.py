@@ -25,7 +25,7 @@ from qmpguard.discovery.classify import monitor_addresses
 from qmpguard.discovery.model import Manager, MonitorState, Route
 from qmpguard.discovery.procfs import read_argv, read_facts
 from qmpguard.discovery.render import vm_json
-from qmpguard.inspect import inspect_target
+from qmpguard.inspection import inspect_target
 from qmpguard.targets import parse_target
 from tests.conftest import SETUP_MARKER
 from tests.integration.support import (
@@ -70,7 +70,7 @@ _RUN = """
 import asyncio, json, sys
 from qmpguard.discovery import discover
 from qmpguard.discovery.render import vm_json
-from qmpguard.inspect import inspect_target
+from qmpguard.inspection import inspect_target
 from qmpguard.targets import parse_target
 
 async def main(pids, inspect):

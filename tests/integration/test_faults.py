@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from qmpguard.inspect import inspect_target
+from qmpguard.inspection import inspect_target
 from qmpguard.qmp.transport import QMPSession, Timeouts
 from qmpguard.targets import parse_target
 from tests.conftest import VmFactory, requires_qemu

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from qmpguard.inspect import inspect_target
+from qmpguard.inspection import inspect_target
 from qmpguard.report.document import target_json
 from qmpguard.targets import parse_target
 from tests.conftest import record_evidence

@@ -26,7 +26,7 @@ from qmpguard.demo.fakevfio import (
     mapped_bytes_by_group,
 )
 from qmpguard.demo.qemu_process import QemuProcess
-from qmpguard.inspect import inspect_target
+from qmpguard.inspection import inspect_target
 from qmpguard.report.document import target_json
 from qmpguard.targets import parse_target
 from tests.conftest import AUDIT, QEMU_MATRIX, audit_qmp_trace, requires_qemu

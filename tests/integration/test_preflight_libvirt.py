@@ -43,7 +43,7 @@ from qmpguard.demo.fakevfio import (
     create_sysfs_device,
     mapped_bytes_by_group,
 )
-from qmpguard.inspect import inspect_target
+from qmpguard.inspection import inspect_target
 from qmpguard.report.document import target_json
 from qmpguard.targets import parse_target
 from tests.conftest import REPO, audit_qmp_trace

@@ -24,7 +24,7 @@ from qemu.qmp import QMPClient
 from qmpguard.analysis.preflight import preflight
 from qmpguard.analysis.vm import VmAnalysis
 from qmpguard.demo.qemu_process import QemuProcess
-from qmpguard.inspect import inspect_target
+from qmpguard.inspection import inspect_target
 from qmpguard.targets import parse_target
 from tests.conftest import AUDIT, QEMU_ARM_MATRIX, VmFactory, audit_qmp_trace, requires_qemu
 

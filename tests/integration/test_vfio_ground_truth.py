@@ -28,7 +28,7 @@ from qmpguard.demo.fakevfio import (
     mapped_bytes,
 )
 from qmpguard.demo.qemu_process import QemuProcess
-from qmpguard.inspect import analyse_snapshot, inspect_target
+from qmpguard.inspection import analyse_snapshot, inspect_target
 from qmpguard.report.document import target_json
 from qmpguard.targets import parse_target
 from tests.conftest import VmFactory, record_evidence, requires_qemu, setup_client

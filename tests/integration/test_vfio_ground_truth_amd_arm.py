@@ -44,8 +44,8 @@ from qmpguard.demo.fakevfio import (
     mapped_bytes,
 )
 from qmpguard.demo.qemu_process import QemuProcess
-from qmpguard.inspect import analyse_snapshot, inspect_target
-from qmpguard.qemu_types import HMP_MTREE
+from qmpguard.inspection import analyse_snapshot, inspect_target
+from qmpguard.qemu_names import HMP_MTREE
 from qmpguard.report.document import target_json
 from qmpguard.targets import parse_target
 from tests.conftest import QEMU_ARM_MATRIX, QEMU_MATRIX, VmFactory, record_evidence, requires_qemu

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from qmpguard.analysis.vm import analyze
-from qmpguard.inspect import analyse_snapshot
+from qmpguard.analysis.vm import analyse
+from qmpguard.inspection import analyse_snapshot
 from qmpguard.report.document import exit_code, target_json
 from qmpguard.snapshot import Snapshot, load_snapshot, snapshot_from_json
 
@@ -92,4 +92,4 @@ def test_wrong_shapes_become_clear_errors_not_verdicts(command: str, value: Any)
 
 def test_analysis_is_deterministic() -> None:
     snap = load_snapshot(snapshots("q35-intel-topology")[0])
-    assert analyze(snap).findings == analyze(snap).findings
+    assert analyse(snap).findings == analyse(snap).findings

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from qmpguard.errors import ErrorReason, InspectionError
-from qmpguard.inspect import inspect_target
+from qmpguard.inspection import inspect_target
 from qmpguard.targets import parse_target
 
 

@@ -33,7 +33,7 @@ from qmpguard.daemon.settings import (
 )
 from qmpguard.daemon.watch import Scheduler
 from qmpguard.errors import ErrorReason, InspectionError
-from qmpguard.inspect import analyse_snapshot
+from qmpguard.inspection import analyse_snapshot
 from qmpguard.report.exposition import render_prometheus, write_text_atomically
 from qmpguard.report.nagios import render_nagios, status_line
 from qmpguard.result import TargetResult

@@ -21,7 +21,7 @@ import structlog
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-import qmpguard.inspect as inspection
+import qmpguard.inspection as inspection
 from qmpguard.daemon.exporter import build_registry
 from qmpguard.daemon.results import ResultStore
 from qmpguard.daemon.settings import Settings
@@ -35,7 +35,7 @@ from qmpguard.daemon.watch import (
     fault_kind,
 )
 from qmpguard.errors import InspectionError
-from qmpguard.inspect import analyse_snapshot
+from qmpguard.inspection import analyse_snapshot
 from qmpguard.result import TargetResult
 from qmpguard.snapshot import Snapshot, load_snapshot
 from qmpguard.targets import Target

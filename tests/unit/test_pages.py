@@ -16,7 +16,7 @@ from qmpguard.analysis.model import Verdict
 from qmpguard.daemon.page import age_text, status_page, topology_html, vm_page
 from qmpguard.daemon.results import ResultStore
 from qmpguard.errors import ErrorReason, InspectionError
-from qmpguard.inspect import analyse_snapshot
+from qmpguard.inspection import analyse_snapshot
 from qmpguard.report.document import target_findings
 from qmpguard.report.table import render_target
 from qmpguard.report.tree import (

@@ -26,7 +26,7 @@ from qmpguard.analysis.preflight import (
     preflight,
     read_config_files,
 )
-from qmpguard.analysis.vm import DeviceAnalysis, VmAnalysis, analyze
+from qmpguard.analysis.vm import DeviceAnalysis, VmAnalysis, analyse
 from qmpguard.snapshot import load_snapshot
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -373,7 +373,7 @@ def test_preflight_agrees_with_check_on_recorded_snapshots(path: Path) -> None:
     """Offline, every recorded VM: preflight of its command line and check of its replies
     agree on every vfio verdict they both conclude, and never say ok against misbound."""
     snap = load_snapshot(path)
-    live = {d.device.path: d for d in analyze(snap).devices if d.device.vfio}
+    live = {d.device.path: d for d in analyse(snap).devices if d.device.vfio}
     pf = preflight(snap.cmdline or [], snap.files)
     pre = {d.device.path: d for d in pf.analysis().devices if d.device.vfio}
     assert live, "no vfio device in the snapshot"

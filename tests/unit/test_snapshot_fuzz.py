@@ -14,7 +14,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qmpguard.inspect import analyse_snapshot
+from qmpguard.inspection import analyse_snapshot
 from qmpguard.snapshot import SnapshotError, snapshot_from_json
 
 DATA = Path(__file__).resolve().parents[1] / "data"

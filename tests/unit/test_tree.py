@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from qmpguard.inspect import analyse_snapshot
+from qmpguard.inspection import analyse_snapshot
 from qmpguard.report.document import target_findings
 from qmpguard.report.tree import render_tree_target, tree_rows
 from qmpguard.snapshot import load_snapshot

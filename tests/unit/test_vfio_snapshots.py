@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from qmpguard.inspect import analyse_snapshot
+from qmpguard.inspection import analyse_snapshot
 from qmpguard.report.document import target_json
 from qmpguard.snapshot import load_snapshot
 from tests.scenarios import VFIO_SCENARIOS
