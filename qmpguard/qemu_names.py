@@ -1,4 +1,4 @@
-"""QOM names and HMP lines qmpguard relies on, in one place (checked on QEMU 7.2 and 10.0)."""
+"""QOM names and HMP lines qmpguard relies on, in one place (checked on QEMU 7.2, 10.0, 11.1)."""
 
 from __future__ import annotations
 

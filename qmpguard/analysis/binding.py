@@ -4,7 +4,8 @@ Walk up from the device's bus to the first bus a vIOMMU translates. Crossing a
 conventional (non-express) bus aliases the requester ID: behind a PCIe-to-PCI bridge
 to (its secondary bus, 00.0), behind any other bridge to (the bridge's bus, its devfn);
 the crossing nearest the root wins. A root bus whose host bridge has bypass-iommu set
-gets plain memory. Checked against hw/pci/pci.c of QEMU 7.2 and 10.0.
+gets plain memory. Checked against hw/pci/pci.c of QEMU 7.2, 10.0 and 11.1 (the DMA-log
+tests and the scenario generator run on all three).
 """
 
 from __future__ import annotations

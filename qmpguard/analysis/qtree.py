@@ -1,6 +1,6 @@
 """Parse `info qtree` into QOM type facts: which types are PCI buses, bridges, virtio...
 
-Format checked against QEMU 7.2 and 10.0: nested `bus: NAME` / `type BUSTYPE` and
+Format checked against QEMU 7.2, 10.0 and 11.1: nested `bus: NAME` / `type BUSTYPE` and
 `dev: TYPE, id "ID"` lines, indented two spaces per level, properties as `key = value`.
 qmpguard never asks QEMU for type hierarchies (`qom-list-types` loads every QOM module,
 which can abort a QEMU whose module directory was upgraded under it): the facts come from
