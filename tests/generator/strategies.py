@@ -32,6 +32,7 @@ from tests.generator.model import (
     Scenario,
     Syntax,
     Value,
+    _kv_safe_id,
     main_bus,
 )
 
@@ -460,6 +461,8 @@ def _hot_ops(steps: list[_HotStep], ids: dict[int, str], group_ids: dict[int, st
             "name": f"hot{st_.group}",
             "same": group_ids.get(st_.group),
         }[st_.id_kind]
+        if dev_id is not None and not _kv_safe_id(dev_id):
+            dev_id = f"hot{st_.group}"  # 7.2's device_add: "Parameter 'id' expects an identifier"
         if dev_id is not None:
             group_ids[st_.group] = dev_id
         ops.append(HotOp("add", st_.group, dev_id, ids[st_.port]))
