@@ -93,7 +93,7 @@ class ReplayFakeQMPPeer:
                     {"return": {}}
                     if cmd == "qmp_capabilities"
                     else self.replies.get(
-                        reply_key(cmd, args),
+                        reply_key(str(cmd), args),
                         {"error": {"class": "GenericError", "desc": "not recorded"}},
                     )
                 )

@@ -133,7 +133,8 @@ def _wait_translation_on(vm: QemuProcess, console: Path, timeout: float = 60) ->
 
 
 def _hotplug_props(dev: VfioDev, sysfs: Path) -> dict[str, object]:
-    props: dict[str, object] = dict(kv.split("=", 1) for kv in dev.option(sysfs).split(",")[1:])
+    pairs = (kv.split("=", 1) for kv in dev.option(sysfs).split(",")[1:])
+    props: dict[str, object] = {k: v for k, v in pairs}
     props["driver"] = "vfio-pci"
     props["rombar"] = 0  # QEMU 10.0's device_add wants an integer here
     return props

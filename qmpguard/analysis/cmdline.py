@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -380,27 +380,49 @@ def _add_option(p: _Parse, norm: str, i: int, val: str, files: Mapping[str, str]
         p.gaps.append(f"{where}: -virtfs creates an anonymous device implicitly")
 
 
-def parse_cmdline(argv: list[str], files: Mapping[str, str] | None = None) -> CliFacts:
-    """Parse a QEMU argv (as read from /proc/PID/cmdline); `files`: -readconfig contents."""
-    p = _Parse()
+@dataclass(frozen=True)
+class Option:
+    """One option of a QEMU argv: its normalised name, where it is, its value."""
+
+    name: str  # "-device" for "-device" and "--device"
+    index: int  # argv index of the option itself
+    value: str | None  # None for a flag, or an unknown option read as one
+    unknown_flag: bool = False  # unknown, followed by an option: read as a flag
+
+    @property
+    def value_index(self) -> int:
+        return self.index + 1
+
+
+def options(argv: Sequence[str]) -> Iterator[Option]:
+    """Every option of `argv` in order, with QEMU's rules for which take a value: the one
+    walk over a command line (parse_cmdline, preflight, process discovery all use it)."""
     i = 1
     while i < len(argv):
         opt = argv[i]
         if not opt.startswith("-"):
-            i += 1  # a disk image given without -hda, say: no device option
+            i += 1  # a disk image given without -hda, say: no option
             continue
         norm = "-" + opt.lstrip("-")
-        if norm in _FLAGS:
+        if norm in _FLAGS or i + 1 >= len(argv):
+            yield Option(norm, i, None)
             i += 1
-            continue
-        if i + 1 >= len(argv):
-            break
-        if norm not in _WITH_ARGUMENT and argv[i + 1].startswith("-"):
-            p.gaps.append(f"argv[{i}]: unknown option {opt}")
+        elif norm not in _WITH_ARGUMENT and argv[i + 1].startswith("-"):
+            yield Option(norm, i, None, unknown_flag=True)
             i += 1
-            continue
-        _add_option(p, norm, i + 1, argv[i + 1], files or {})
-        i += 2
+        else:
+            yield Option(norm, i, argv[i + 1])
+            i += 2
+
+
+def parse_cmdline(argv: list[str], files: Mapping[str, str] | None = None) -> CliFacts:
+    """Parse a QEMU argv (as read from /proc/PID/cmdline); `files`: -readconfig contents."""
+    p = _Parse()
+    for o in options(argv):
+        if o.unknown_flag:
+            p.gaps.append(f"argv[{o.index}]: unknown option {argv[o.index]}")
+        elif o.value is not None:
+            _add_option(p, o.name, o.value_index, o.value, files or {})
     ordered = sorted(p.raw, key=lambda r: (r[3].json_list, r[0]))  # stable: QemuOpts first
     devices = tuple(
         CliDevice(arg, rank, drv, dev_id, syn, src, props)

@@ -38,12 +38,11 @@ from dataclasses import dataclass, field, replace
 from qmpguard import qemu_names as T
 from qmpguard.analysis.binding import ExpectedBinding, Requester, expected_binding
 from qmpguard.analysis.cmdline import (
-    _FLAGS,
-    _WITH_ARGUMENT,
     CliDevice,
     CliFacts,
     DeviceSyntax,
     keyval,
+    options,
     parse_cmdline,
 )
 from qmpguard.analysis.model import BindingKind
@@ -512,24 +511,9 @@ def _resolve_bus(b: _Build, cd: CliDevice) -> tuple[_Bus | None, str | None, tup
 
 
 def _options(argv: list[str]) -> Iterator[tuple[str, str | None]]:
-    """(option, value) pairs, with cmdline.py's rules for which options take a value."""
-    i = 1
-    while i < len(argv):
-        opt = argv[i]
-        if not opt.startswith("-"):
-            i += 1
-            continue
-        norm = "-" + opt.lstrip("-")
-        if (
-            norm in _FLAGS
-            or i + 1 >= len(argv)
-            or (norm not in _WITH_ARGUMENT and argv[i + 1].startswith("-"))
-        ):
-            yield norm, None
-            i += 1
-        else:
-            yield norm, argv[i + 1]
-            i += 2
+    """(option, value) pairs: cmdline.options, the one walk over a command line."""
+    for o in options(argv):
+        yield o.name, o.value
 
 
 def default_devices(m: MachineModel, cli: CliFacts, argv: list[str]) -> list[str]:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from qmpguard.analysis.cmdline import _FLAGS, _WITH_ARGUMENT, keyval, parse_cmdline
+from qmpguard.analysis.cmdline import keyval, parse_cmdline
+from qmpguard.analysis.cmdline import options as cmdline_options
 from qmpguard.discovery.model import MonitorProtocol, MonitorSpec, Transport
 
 _TRUE = frozenset({"on", "yes", "true", "y"})
@@ -20,23 +21,9 @@ _LEGACY |= {"-monitor": MonitorProtocol.HMP}
 
 def options(argv: Sequence[str]) -> Iterator[tuple[str, int, str]]:
     """(normalised option, argv index of its value, value) for each option with a value."""
-    i = 1
-    while i < len(argv):
-        opt = argv[i]
-        if not opt.startswith("-"):
-            i += 1
-            continue
-        norm = "-" + opt.lstrip("-")
-        if norm in _FLAGS:
-            i += 1
-            continue
-        if i + 1 >= len(argv):
-            return
-        if norm not in _WITH_ARGUMENT and argv[i + 1].startswith("-"):
-            i += 1  # an unknown flag
-            continue
-        yield norm, i + 1, argv[i + 1]
-        i += 2
+    for o in cmdline_options(argv):
+        if o.value is not None:
+            yield o.name, o.value_index, o.value
 
 
 def _flag(value: str | None, default: bool = False) -> bool:

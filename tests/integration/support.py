@@ -194,7 +194,10 @@ def sparse(path: Path, size: int) -> Path:
     return path
 
 
-def fifo(path: Path) -> Path:
+def fifo(path: Path, replace: bool = False) -> Path:
+    """A FIFO at `path` (replacing the file there if asked)."""
+    if replace:
+        path.unlink()
     os.mkfifo(path)
     return path
 

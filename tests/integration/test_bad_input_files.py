@@ -34,6 +34,15 @@ pytestmark = pytest.mark.integration
 # -- check --snapshot FILE ------------------------------------------------------------------
 
 
+def written(path: Path, data: str | bytes) -> Path:
+    """`path`, after writing `data` to it."""
+    if isinstance(data, bytes):
+        path.write_bytes(data)
+    else:
+        path.write_text(data)
+    return path
+
+
 def _huge_int(tmp: Path) -> Path:
     doc = json.loads(SNAPSHOT.read_text())
     doc["timings"]["huge"] = "HUGE"
@@ -64,7 +73,7 @@ SNAPSHOT_CASES: dict[str, tuple[Callable[[Path], Path], str, str]] = {
         "bad-snapshot",
     ),
     "not-utf8": (
-        lambda t: (t / "l1.json").write_bytes(b'{"x": "\xe9"}') and t / "l1.json",
+        lambda t: written(t / "l1.json", b'{"x": "\xe9"}'),
         "is not UTF-8 text",
         "bad-snapshot",
     ),
@@ -101,19 +110,19 @@ CONFIG_CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
     "fifo": (lambda t: fifo(t / "c.toml"), "is a FIFO, not a regular file"),
     "too-big": (lambda t: sparse(t / "big.toml", MAX_CONFIG_BYTES + 1), "is larger than 1 MiB"),
     "not-utf8": (
-        lambda t: (t / "l1.toml").write_bytes(b"# caf\xe9\n") and t / "l1.toml",
+        lambda t: written(t / "l1.toml", b"# caf\xe9\n"),
         "is not UTF-8 text",
     ),
     "5000-digit-int": (
-        lambda t: (t / "i.toml").write_text("interval = " + "9" * 5000) and t / "i.toml",
+        lambda t: written(t / "i.toml", "interval = " + "9" * 5000),
         "not usable TOML: Exceeds the limit (4300 digits)",
     ),
     "nan-interval": (
-        lambda t: (t / "n.toml").write_text("interval = nan\n") and t / "n.toml",
+        lambda t: written(t / "n.toml", "interval = nan\n"),
         ":1: 'interval' must be a finite number, got nan",
     ),
     "tiny-timeout": (
-        lambda t: (t / "t.toml").write_text("[timeouts]\ncommand = 1e-9\n") and t / "t.toml",
+        lambda t: written(t / "t.toml", "[timeouts]\ncommand = 1e-9\n"),
         "'timeouts.command' must be between 0.05 and 3600 seconds, got 1e-09",
     ),
 }
@@ -199,15 +208,19 @@ def test_sighup_with_a_bad_config_keeps_the_old_one(tmp_path: Path) -> None:
         wait_for(lambda: name in d.vm_names(), what="the config's target")
 
         bad_configs: list[Callable[[], object]] = [
-            lambda: (config.unlink(), os.mkfifo(config)),
-            lambda: (config.unlink(), config.write_bytes(b"# caf\xe9\ninterval = 30\n")),
+            lambda: fifo(config, replace=True),
+            lambda: written(config, b"# caf\xe9\ninterval = 30\n"),
             lambda: sparse(config, MAX_CONFIG_BYTES + 1),
             lambda: config.write_text("interval = nan\n"),
         ]
         for n, make_bad in enumerate(bad_configs, 1):
             make_bad()
             d.proc.send_signal(signal.SIGHUP)
-            wait_for(lambda n=n: d.count("config_reload_failed") == n, what=f"reload failure {n}")
+
+            def failed(n: int = n) -> bool:
+                return d.count("config_reload_failed") == n
+
+            wait_for(failed, what=f"reload failure {n}")
             assert d.get("/healthz")[0] == 200
             assert name in d.vm_names(), "the old config was kept"
         errors = [e["error"] for e in d.events() if e["event"] == "config_reload_failed"]

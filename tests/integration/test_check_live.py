@@ -17,7 +17,7 @@ import pytest
 from qemu.qmp import QMPClient
 
 from qmpguard.inspection import analyse_snapshot, inspect_target
-from qmpguard.qmp.transport import Timeouts
+from qmpguard.qmp.guard import Timeouts
 from qmpguard.report.document import report_json, target_json
 from qmpguard.snapshot import load_snapshot
 from qmpguard.targets import parse_target
@@ -99,7 +99,7 @@ def test_running_firmware_numbers_buses(qemu_vm: VmFactory, tmp_path: Path) -> N
         try:
             async with asyncio.timeout(30):
                 while True:  # bounded by the timeout: wait for firmware to number rp1's bus
-                    buses = await client.execute("query-pci")
+                    buses: Any = await client.execute("query-pci")
                     if any(
                         d.get("pci_bridge", {}).get("bus", {}).get("secondary", 0) > 0
                         for b in buses

@@ -26,7 +26,7 @@ from qmpguard.demo.fakevfio import (
     emulation_env,
 )
 from qmpguard.inspection import inspect_target
-from qmpguard.qmp.transport import Timeouts
+from qmpguard.qmp.guard import Timeouts
 from qmpguard.targets import parse_target
 from tests.conftest import VmFactory, requires_qemu, setup_client
 from tests.hostile_peer import MODES, HostileFakeQMPPeer

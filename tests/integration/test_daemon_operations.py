@@ -261,12 +261,11 @@ def test_sighup_applies_token_tls_concurrency_and_names_what_needs_a_restart(
         for n, text in enumerate(bad_files, 1):  # (listen unchanged: not named again)
             config.write_text(text)
             d.proc.send_signal(signal.SIGHUP)
-            wait_for(
-                lambda n=n: (
-                    len([e for e in d.log_lines() if e["event"] == "config_reload_failed"]) == n
-                ),
-                what="config_reload_failed",
-            )
+
+            def refused(n: int = n) -> bool:
+                return len([e for e in d.log_lines() if e["event"] == "config_reload_failed"]) == n
+
+            wait_for(refused, what="config_reload_failed")
             assert https_get(d.port, "/api/v1/vms", new_token, cert) == 200
             assert https_get(d.port, "/api/v1/vms", old_token, cert) == 401
             assert gauge(d, "qmpguard_inspection_concurrency", new_token, "https", cert) == 3

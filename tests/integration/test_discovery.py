@@ -14,6 +14,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
@@ -76,7 +77,8 @@ def test_busy_monitor_is_reported_not_taken(qemu_vm: VmFactory) -> None:
             direct = await probe(f"unix:{vm.qmp_path}", 0.3)
             assert (direct.outcome, direct.reason) == (ProbeOutcome.FAILED, ProbeFailure.BUSY)
             # The holder still owns its monitor.
-            assert (await holder.execute("query-status"))["status"] == "prelaunch"
+            status: Any = await holder.execute("query-status")
+            assert status["status"] == "prelaunch"
         finally:
             await holder.disconnect()
         free = (await discover(only=[vm.pid], timeout=5.0))[0]

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from qmpguard.inspection import inspect_target
-from qmpguard.qmp.transport import QMPSession, Timeouts
+from qmpguard.qmp.guard import Timeouts
+from qmpguard.qmp.transport import QMPSession
 from qmpguard.targets import parse_target
 from tests.conftest import VmFactory, requires_qemu
 

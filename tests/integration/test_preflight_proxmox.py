@@ -24,6 +24,7 @@ import shlex
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from qemu.qmp import QMPClient
@@ -159,7 +160,9 @@ async def _ready(path: Path) -> None:
     await client.disconnect()
 
 
-def run_vm(argv: list[str], here: Path, so: Path, qemu: QemuBinary) -> tuple[dict[int, int], dict]:
+def run_vm(
+    argv: list[str], here: Path, so: Path, qemu: QemuBinary
+) -> tuple[dict[int, int], dict[str, Any]]:
     """Start argv (its QMP on a socket listening before QEMU runs), let the VT-d guest
     turn translation on, then: the DMA log per group, and check's report."""
     trace = here / "trace.log"

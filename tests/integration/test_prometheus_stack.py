@@ -197,7 +197,11 @@ def test_dashboard_rules_and_alerts_in_a_real_prometheus(
     assert len(queries) >= 15
     for title, query in queries:
         expr = grafana_expand(query)
-        wait_for(lambda expr=expr: prom.query(expr), timeout=15, what=f"data for {title!r}: {expr}")
+
+        def has_data(expr: str = expr) -> Any:
+            return prom.query(expr)
+
+        wait_for(has_data, timeout=15, what=f"data for {title!r}: {expr}")
     # The dashboard's host variable: label_values(qmpguard_vm_up, instance).
     assert prom.api("/api/v1/label/instance/values", **{"match[]": "qmpguard_vm_up"}) == [
         f"127.0.0.1:{d.port}"

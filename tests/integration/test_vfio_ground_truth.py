@@ -324,7 +324,8 @@ def test_hotplugged_vfio_is_bound_correctly(
         setup_monitor=True,
     )
     sysfs_dev = vfio("hot0", "rp1", "0.0", tmp_path, 5)
-    props: dict[str, object] = dict(kv.split("=", 1) for kv in sysfs_dev.split(",")[1:])
+    pairs = (kv.split("=", 1) for kv in sysfs_dev.split(",")[1:])
+    props: dict[str, object] = {k: v for k, v in pairs}
     props["rombar"] = 0  # QEMU 10.0's device_add wants an integer here
 
     async def hotplug() -> None:

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from qmpguard.qmp.allowlist import ForbiddenCommand, check_command
-from qmpguard.qmp.transport import QMPSession, Timeouts
+from qmpguard.qmp.guard import Timeouts
+from qmpguard.qmp.transport import QMPSession
 from qmpguard.targets import parse_target
 
 ALLOWED = [
