@@ -34,8 +34,10 @@ pytestmark = pytest.mark.integration
 # -- check --snapshot FILE ------------------------------------------------------------------
 
 
-def written(path: Path, data: str | bytes) -> Path:
-    """`path`, after writing `data` to it."""
+def written(path: Path, data: str | bytes, replace: bool = False) -> Path:
+    """`path`, after writing `data` to it (as a new file if `replace`: never into a FIFO)."""
+    if replace:
+        path.unlink()
     if isinstance(data, bytes):
         path.write_bytes(data)
     else:
@@ -209,7 +211,7 @@ def test_sighup_with_a_bad_config_keeps_the_old_one(tmp_path: Path) -> None:
 
         bad_configs: list[Callable[[], object]] = [
             lambda: fifo(config, replace=True),
-            lambda: written(config, b"# caf\xe9\ninterval = 30\n"),
+            lambda: written(config, b"# caf\xe9\ninterval = 30\n", replace=True),
             lambda: sparse(config, MAX_CONFIG_BYTES + 1),
             lambda: config.write_text("interval = nan\n"),
         ]
