@@ -23,6 +23,7 @@ from qemu.qmp import ExecuteError, QMPClient
 
 from qmpguard.demo.qemu_process import QemuProcess
 from qmpguard.qmp.allowlist import ForbiddenCommand, check_command
+from tests.agreement import compare_with_preflight
 
 REPO = Path(__file__).resolve().parent.parent
 QEMU_ARM = "qemu-system-aarch64"
@@ -130,6 +131,7 @@ def qemu_vm(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[VmFactor
     finally:
         refused = []
         for vm, trace in started:
+            compare_with_preflight(vm)
             vm.stop()
             AUDIT["vms"] += 1
             refused += audit_qmp_trace(trace)
