@@ -2,10 +2,12 @@
 
 agreement()  preflight of a scenario's command line (its -readconfig files read from
              disk, as `qmpguard preflight` does) against `check` of the running VM, per
-             vfio device: the same verdict; or preflight unverified with a stated reason
-             while check concludes; or check unverified while preflight's conclusion
-             matches the DMA log. ok against misbound is never allowed. Where both
-             conclude, the expected binding (kind, requester, devfn) must agree too.
+             vfio device, by tests/agreement.py's compare() (the rule every live VM of
+             the suite is held to): the same verdict; or preflight unverified with a
+             stated reason while check concludes; or check unverified while preflight
+             concludes. ok against misbound is never allowed. Where both conclude, the
+             expected binding (kind, requester, devfn) must agree too. Here preflight's
+             conclusions must also match the DMA log.
 prove_fix()  a scenario with a vfio device realized before its vIOMMU: preflight's fix
              applied to the rendered command line, the VM started again with the VFIO
              emulation, and then every cold-plugged vfio device behind a vIOMMU must
@@ -30,6 +32,7 @@ from qmpguard.analysis.preflight import HIDDEN_VFIO, Preflight, preflight, read_
 from qmpguard.analysis.vm import DeviceAnalysis, VmAnalysis
 from qmpguard.demo.fakevfio import VfioDeviceSpec, create_sysfs_device
 from qmpguard.fix import Fix, fixes
+from tests.agreement import Match, compare, side_of, side_of_json, unverified_reason
 from tests.conftest import AUDIT, audit_qmp_trace
 from tests.generator import runner
 from tests.generator.model import QemuBinary, RenderContext, Scenario, render
@@ -69,10 +72,6 @@ def vfio_by_group(pf: Preflight, vm: VmAnalysis) -> dict[int, DeviceAnalysis]:
         if m:
             out[int(m.group(1), 16)] = dev
     return out
-
-
-def _reason(dev: DeviceAnalysis) -> str:
-    return "; ".join(e.detail for e in dev.order.evidence if e.conclusion is None and e.detail)
 
 
 @dataclass
@@ -126,46 +125,19 @@ def agreement(scn: Scenario, run: RunResult, cwd: Path) -> Agreement:
 def _compare(
     out: Agreement, where: str, doc: dict[str, Any], mine: DeviceAnalysis, truth: str
 ) -> None:
-    live_v, pre_v = doc["verdict"], str(mine.verdict)
-    if pre_v == Verdict.MISBOUND and truth != "all-ram":
+    """tests/agreement.py's rule (the one every live VM of the suite is held to), and
+    preflight's conclusions against the DMA log."""
+    live, pre = side_of_json(doc), side_of(mine)
+    if pre.verdict is Verdict.MISBOUND and truth != "all-ram":
         out.problems.append(f"{where}: preflight says misbound, the DMA log says {truth}")
-    if pre_v == Verdict.OK and mine.binding.kind is BindingKind.VIOMMU and truth != "translated":
+    if pre.verdict is Verdict.OK and pre.kind is BindingKind.VIOMMU and truth != "translated":
         out.problems.append(f"{where}: preflight says ok, the DMA log says {truth}")
-    if live_v == pre_v:
-        if pre_v != Verdict.UNVERIFIED:
-            _compare_binding(out, where, doc, mine)
-        return
-    if pre_v == Verdict.UNVERIFIED:
-        reason = _reason(mine)
-        if not reason:
-            out.problems.append(f"{where}: preflight unverified without a reason, check {live_v}")
-        else:
-            out.allowed.append(f"{where}: check {live_v}, preflight unverified: {reason}")
-        return
-    if live_v == Verdict.UNVERIFIED:
-        out.allowed.append(f"{where}: check unverified, preflight {pre_v} (DMA log: {truth})")
-        return
-    out.problems.append(
-        f"{where}: check says {live_v}, preflight says {pre_v}; preflight evidence: "
-        f"{[e.detail for e in mine.order.evidence]}"
-    )
-
-
-def _compare_binding(out: Agreement, where: str, doc: dict[str, Any], mine: DeviceAnalysis) -> None:
-    expected = doc["expected"]
-    b = mine.binding
-    if expected["kind"] != b.kind:
-        out.problems.append(f"{where}: check expects {expected['kind']}, preflight {b.kind}")
-        return
-    if doc["devfn"] != mine.device.devfn_text:
-        out.problems.append(
-            f"{where}: devfn {doc['devfn']} live, {mine.device.devfn_text} preflight"
-        )
-    live_req, mine_req = expected["requester"], b.requester
-    if live_req is not None and mine_req is not None and live_req["devfn"] != mine_req.devfn_text:
-        out.problems.append(
-            f"{where}: requester {live_req['devfn']} live, {mine_req.devfn_text} preflight"
-        )
+    result = compare(where, live, pre)
+    out.problems += result.problems
+    if result.match is Match.CHECK_UNVERIFIED:
+        out.allowed.append(f"{result.note} (DMA log: {truth})")
+    elif result.note:
+        out.allowed.append(result.note)
 
 
 # ------------------------------------------------------------------ running a rewritten argv
@@ -259,7 +231,7 @@ def prove_fix(scn: Scenario, qemu: QemuBinary, workdir: Path, built: Built) -> F
     if not misbound:
         verdicts = [
             f"{d.device.label}: {d.verdict}"
-            + (f" ({_reason(d)})" if d.verdict == "unverified" else "")
+            + (f" ({unverified_reason(d)})" if d.verdict == "unverified" else "")
             for d in pf.analysis().devices
             if d.device.vfio
         ]
