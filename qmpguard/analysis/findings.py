@@ -6,7 +6,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from qmpguard.analysis.amd_shared_space import amd_shared_spaces
 from qmpguard.analysis.model import BindingKind, MemoryReason, Severity, Verdict
+from qmpguard.analysis.topology import format_devfn
 from qmpguard.analysis.viommu_models import model
 
 if TYPE_CHECKING:
@@ -181,10 +183,35 @@ def qg005_virtio_platform(vm: VmAnalysis) -> Iterator[Finding]:
             )
 
 
+def qg006_amd_bus_number_space(vm: VmAnalysis) -> Iterator[Finding]:
+    """vfio device sharing an amd-iommu space filed under bus number 0 (QEMU < 10.2;
+    the rule and its QEMU sources: qmpguard/analysis/amd_shared_space.py)."""
+    for s in amd_shared_spaces(vm):
+        devfn = format_devfn(s.devfn)
+        yield Finding(
+            "QG006",
+            Severity.WARNING,
+            s.device,
+            f"{s.label} shares one amd-iommu address space with {', '.join(s.others)}: "
+            f"this QEMU filed it under bus number 0 (read before the guest numbered its "
+            f"bus), so they share one DMA translation (one VFIO container) the guest "
+            f"cannot separate, and QEMU looks up its device-table entry as 00:{devfn}, "
+            f"not its own. Fix: QEMU 10.2 or later, or give each such device a slot of "
+            f"its own on the root bus.",
+            (
+                f"info mtree -f: {s.listed} amd_iommu_devfn_{s.devfn} space(s) for "
+                f"{s.requesters} requesters at devfn {devfn} on different buses",
+                "amd-iommu before QEMU 10.2 keys its spaces by bus number when it creates "
+                "them (hw/i386/amd_iommu.c amdvi_host_dma_iommu)",
+            ),
+        )
+
+
 RULES: tuple[Rule, ...] = (
     qg001_misbound,
     qg002_unverified,
     qg003_bypass,
     qg004_shared_space,
     qg005_virtio_platform,
+    qg006_amd_bus_number_space,
 )
