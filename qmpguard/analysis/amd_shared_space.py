@@ -63,6 +63,7 @@ class Member:
     requester: Requester  # the (bus, devfn) QEMU should file its space under
     number_bus: str | None  # the bus whose NUMBER it was filed under; None: unknown
     vfio: bool  # a vfio device whose container is on its amd space
+    bridge: bool = False  # forwards DMA, never initiates it: not named while others are
 
 
 @dataclass(frozen=True)
@@ -134,8 +135,16 @@ def _groups(at: list[Member], listed: int) -> Iterator[SharedSpace]:
             continue  # one requester (aliasing behind a conventional bridge): QG004's
         for m in group:
             if m.vfio:
-                others = tuple(o.label for o in group if o is not m)
-                yield SharedSpace(m.path, m.label, m.requester.devfn, others, listed, requesters)
+                others = [o for o in group if o is not m]
+                named = [o for o in others if not o.bridge] or others
+                yield SharedSpace(
+                    m.path,
+                    m.label,
+                    m.requester.devfn,
+                    tuple(o.label for o in named),
+                    listed,
+                    requesters,
+                )
 
 
 def members_of(vm: VmAnalysis, viommu: VIommu) -> list[Member]:
@@ -152,6 +161,7 @@ def members_of(vm: VmAnalysis, viommu: VIommu) -> list[Member]:
                 b.requester,
                 number_bus(vm.topology, b.requester, dev.device.hotplugged),
                 dev.device.vfio and dev.verdict is not Verdict.MISBOUND,
+                dev.device.bridge,
             )
         )
     return out

@@ -237,3 +237,46 @@ def test_vfio_alone_on_its_devfn_is_not_reported(
     doc, mtree = inspect(vm, "amd-iommu, vfio on pcie.0, NIC behind a root port")
     assert amd_spaces(mtree, 72) == 1
     assert qg006(doc) == {}
+
+
+MIXED_TOPOLOGY = [
+    "pcie-pci-bridge,id=ppb,bus=pcie.0,addr=6.0",
+    "e1000,id=c1,bus=ppb,addr=1.0",
+    "e1000,id=c2,bus=ppb,addr=2.0",
+    "pcie-root-port,id=rp3,chassis=3,addr=7.0",
+    "x3130-upstream,id=up,bus=rp3",
+    "xio3130-downstream,id=dn1,bus=up,chassis=4,slot=1,addr=0.0",
+    "xio3130-downstream,id=dn2,bus=up,chassis=5,slot=2,addr=1.0",
+    "e1000e,id=n1,bus=dn1",
+    "pxb-pcie,id=pxb,bus_nr=32,bus=pcie.0,addr=8.0",
+    "pcie-root-port,id=rp9,chassis=9,bus=pxb",
+    "e1000e,id=n9,bus=rp9",
+]
+
+
+def test_switch_bridge_and_expander(
+    qemu_vm: VmFactory, tmp_path: Path, built: Built, x86: tuple[int, int]
+) -> None:
+    """vfio behind a root port and behind a switch's downstream port, with a
+    pcie-pci-bridge, a pxb-pcie (a root bus with a number of its own) and NICs at 00.0:
+    on 10.0 both vfio groups share one container and QEMU lists two devfn-0 spaces (bus
+    0 and the pxb's 32) for nine requesters; on 11.1 a container and a space each."""
+    if x86 < (10, 0):
+        pytest.skip("7.2 refuses vfio behind amd-iommu in the correct order")
+    devices = [amd(x86), ROOT_PORTS[0], vfio(tmp_path, 1, "rp1"), *MIXED_TOPOLOGY]
+    devices.append(vfio(tmp_path, 2, "dn2"))
+    vm = running(start(qemu_vm, tmp_path, built, devices, guest=False), guest=False)
+    containers = attached_groups(vm.dma_log)
+    doc, mtree = inspect(vm, "amd-iommu, vfio behind a root port and a switch port")
+    found = qg006(doc)
+    if x86 < (10, 2):
+        assert containers[GROUPS[0]] == containers[GROUPS[1]], containers
+        assert amd_spaces(mtree, 0) == 2
+        assert set(found) == {"hostdev1", "hostdev2"}, doc["findings"]
+        named = found["hostdev2"]["message"].split(":", 1)[0]
+        assert all(n in named for n in ("hostdev1", "n1", "c1", "n9")), named
+        assert "dn1" not in named and "up," not in named  # bridges are not named
+    else:
+        assert containers[GROUPS[0]] != containers[GROUPS[1]], containers
+        assert amd_spaces(mtree, 0) == 9
+        assert found == {}, found

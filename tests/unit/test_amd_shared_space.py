@@ -23,9 +23,17 @@ RP2 = "/machine/peripheral/rp2/rp2"
 PXB = "/machine/peripheral/pxb/pxb"  # a pxb-pcie's root bus: a number of its own
 
 
-def m(label: str, bus: str, devfn: int = 0, vfio: bool = False, keyed: str | None = ROOT) -> Member:
+def m(
+    label: str,
+    bus: str,
+    devfn: int = 0,
+    vfio: bool = False,
+    keyed: str | None = ROOT,
+    bridge: bool = False,
+) -> Member:
     """A member filed under `keyed`'s bus number (None: possibly hot-plugged)."""
-    return Member(f"/machine/peripheral/{label}", label, Requester(bus, devfn), keyed, vfio)
+    path = f"/machine/peripheral/{label}"
+    return Member(path, label, Requester(bus, devfn), keyed, vfio, bridge)
 
 
 MCH = m("mch", ROOT)
@@ -46,6 +54,10 @@ def named(*cases: tuple[object, ...]) -> list[object]:
         ("same VM on a fixed QEMU: a space each (11.1)", [MCH, V1, V2], {0: 3}, set()),
         ("count between the keyings: inconclusive", [MCH, V1, V2, m("x", PXB, keyed=PXB)],
          {0: 3}, set()),
+        ("bridges count but are not named", [MCH, V1, m("up", RP2, bridge=True)], {0: 1},
+         {("hostdev1", ("mch",))}),
+        ("named when only bridges share", [V1, m("up", RP2, bridge=True)], {0: 1},
+         {("hostdev1", ("up",))}),
         ("vfio and a NIC", [MCH, V1, NIC2], {0: 1}, {("hostdev1", ("mch", "nic2"))}),
         ("emulated devices only: nothing to report", [MCH, NIC2, m("nic1", RP1)], {0: 1},
          set()),
