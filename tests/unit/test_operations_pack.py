@@ -21,7 +21,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 README = REPO / "README.md"
-CODES = ("QG001", "QG002", "QG003", "QG004", "QG005", "QG100")
+CODES = ("QG001", "QG002", "QG003", "QG004", "QG005", "QG006", "QG100")
 #: Series the dashboard and rules may use: the daemon's (qmpguard/daemon/exporter.py and
 #: web.py), prometheus_client's process collector, and Prometheus's own.
 KNOWN_METRICS = {
@@ -95,7 +95,7 @@ def test_runbook_section_says_what_it_means_and_how_to_fix(code: str) -> None:
     assert len(section.split()) > 40, f"{code}: a runbook says more than that"
 
 
-def test_alerts_cover_qg001_critical_qg003_to_qg005_warning_and_stale() -> None:
+def test_alerts_cover_qg001_critical_qg002_to_qg006_warning_and_stale() -> None:
     by_code = {}
     for rule in alert_rules():
         for code in set(re.findall(r'code="(QG\d+)"', rule["expr"])):
@@ -106,6 +106,7 @@ def test_alerts_cover_qg001_critical_qg003_to_qg005_warning_and_stale() -> None:
         "QG003": "warning",
         "QG004": "warning",
         "QG005": "warning",
+        "QG006": "warning",
     }
     names = {r["alert"] for r in alert_rules()}
     assert {"QmpguardInspectionStale", "QmpguardVmNeverInspected", "QmpguardDown"} <= names
