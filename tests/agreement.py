@@ -473,10 +473,13 @@ class Tally:
     device_matches: Counter[str] = field(default_factory=Counter)
     device_skips: Counter[str] = field(default_factory=Counter)
     verdicts: Counter[str] = field(default_factory=Counter)
+    by_file: Counter[str] = field(default_factory=Counter)  # devices compared per test file
     seconds: float = 0.0
     disagreements: list[dict[str, Any]] = field(default_factory=list)
     known: Counter[str] = field(default_factory=Counter)
     check_failures: list[dict[str, str]] = field(default_factory=list)
+    #: the allowed differences (one side unverified, a known disagreement), each named
+    allowed: list[dict[str, Any]] = field(default_factory=list)
 
     def add(self, out: VmOutcome, test: str) -> None:
         self.seconds += out.seconds
@@ -489,9 +492,12 @@ class Tally:
         self.device_matches.update(m.value for _, m in out.matches)
         self.device_skips.update(s.value for _, s in out.device_skips)
         self.verdicts.update(out.verdicts)
+        self.by_file[test.partition("::")[0]] += len(out.matches)
         self.known.update(out.known)
         if out.problems:
             self.disagreements.append({"test": test, "vm": out.label, "problems": out.problems})
+        elif out.notes:
+            self.allowed.append({"test": test, "vm": out.label, "notes": out.notes})
 
     def to_json(self) -> dict[str, Any]:
         """The artifact: counts of VMs and devices, compared and skipped by reason."""
@@ -505,10 +511,12 @@ class Tally:
                 "compared": sum(self.device_matches.values()),
                 "by_match": dict(self.device_matches),
                 "by_verdicts": dict(self.verdicts),  # "check/preflight": count
+                "by_file": dict(self.by_file),
                 "skipped": dict(self.device_skips),
             },
             "known": dict(self.known),
             "disagreements": self.disagreements,
+            "allowed": self.allowed,
             "check_failures": self.check_failures,
             "seconds": round(self.seconds, 3),
         }

@@ -196,7 +196,13 @@ def test_tally_file(tmp_path: Path) -> None:
     assert doc["devices"]["compared"] == 1
     assert doc["devices"]["by_verdicts"] == {"ok/ok": 1}
     assert doc["devices"]["skipped"] == {"hot-plugged": 1}
-    assert doc["disagreements"] == []
+    assert doc["devices"]["by_file"] == {"t1": 1}
+    assert doc["disagreements"] == [] and doc["allowed"] == []
+    allowed = VmOutcome("vm3", matches=[("d", Match.CHECK_UNVERIFIED)], notes=["d: why"])
+    tally.add(allowed, "t3")
+    doc = json.loads(tally.write(tmp_path).read_text())
+    assert doc["allowed"] == [{"test": "t3", "vm": "vm3", "notes": ["d: why"]}]
+    assert doc["devices"]["by_match"] == {"same": 1, "check-unverified": 1}
 
 
 def test_side_of_json_matches_side_of() -> None:
