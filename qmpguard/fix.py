@@ -120,6 +120,10 @@ def keyval_text(cd: CliDevice, extra: Mapping[str, str] | None = None) -> str | 
     for key, value in (*cd.props, *(extra or {}).items()):
         if value.startswith(("{", "[")) or "=" in key or "," in key:
             return None
+        if key == "addr" and key in cd.numbers and key not in (extra or {}):
+            if not value.isdigit():
+                return None  # -1 (QEMU picks) has no key=val spelling but leaving it out
+            value = f"0x{int(value) >> 3:x}.0x{int(value) & 7:x}"  # JSON 24 is 03.0
         parts.append(f"{key}={value.replace(',', ',,')}")
     return ",".join(parts)
 
@@ -372,18 +376,21 @@ def _libvirt_iommu_xml(v: CliDevice) -> str | None:
     return f"<iommu model='{model_name}'>{driver}</iommu>"
 
 
-def _typed(key: str, value: str) -> object:
+def _typed(key: str, value: str, numbers: frozenset[str] = frozenset()) -> object:
     """A key=val property value as libvirt's JSON writes it (booleans and numbers typed;
-    intel-iommu's intremap is on/off/auto, a string)."""
+    intel-iommu's intremap is on/off/auto, a string; addr stays a string: as a JSON
+    number QEMU would read it as the devfn, not the slot)."""
+    if key in numbers and re.fullmatch(r"-?\d+", value):
+        return int(value)  # written as a JSON number: stays one
     if key != "intremap" and value.lower() in ("on", "yes", "true", "off", "no", "false"):
         return value.lower() in ("on", "yes", "true")
-    return int(value) if value.isdigit() else value
+    return int(value) if value.isdigit() and key != "addr" else value
 
 
 def _libvirt_json(v: CliDevice) -> str:
     """The vIOMMU as libvirt writes it for <iommu>: JSON, id iommu0."""
     dev: dict[str, object] = {"driver": v.driver, "id": "iommu0"}
-    dev |= {key: _typed(key, value) for key, value in v.props}
+    dev |= {key: _typed(key, value, v.numbers) for key, value in v.props}
     return json.dumps(dev, separators=(",", ":"))
 
 
@@ -392,7 +399,7 @@ def _json_text(cd: CliDevice) -> str:
     obj: dict[str, object] = {"driver": cd.driver}
     if cd.id is not None:
         obj["id"] = cd.id
-    obj |= {key: _typed(key, value) for key, value in cd.props}
+    obj |= {key: _typed(key, value, cd.numbers) for key, value in cd.props}
     return json.dumps(obj, separators=(",", ":"))
 
 

@@ -44,6 +44,10 @@ class CliDevice:
     #: Every other property as written (driver and id left out); JSON values as text:
     #: booleans on/off, numbers in decimal, anything nested as JSON.
     props: tuple[tuple[str, str], ...] = ()
+    #: Properties given as JSON numbers: QEMU's pci-devfn property (`addr`) reads an
+    #: integer as the devfn itself and a string as SLOT[.FN] in hexadecimal, so `"addr": 24`
+    #: is 03.0 while `addr=24` is slot 0x24 (seen on 7.2, 10.0 and 11.1).
+    numbers: frozenset[str] = frozenset()
 
     def prop(self, key: str) -> str | None:
         return next((v for k, v in self.props if k == key), None)
@@ -60,6 +64,9 @@ class CliFacts:
     #: an option QEMU rejects that we cannot parse); empty when the list is complete.
     gaps: tuple[str, ...] = ()
     readconfig_files: tuple[str, ...] = field(default=())
+    #: Why QEMU refuses to start with this command line, as far as the parser sees it
+    #: (a -set naming no key=val device defined before it).
+    refusals: tuple[str, ...] = ()
 
     @property
     def complete(self) -> bool:
@@ -162,7 +169,28 @@ def _prop_text(value: object) -> str:
 Props = tuple[tuple[str, str], ...]
 
 
-def _json_device(value: str) -> tuple[str, str | None, Props] | None:
+@dataclass
+class _Raw:
+    """A device option while the command line is read (-set may still change it)."""
+
+    arg: int
+    driver: str
+    id: str | None
+    syntax: DeviceSyntax
+    source: str
+    props: Props
+    numbers: frozenset[str] = frozenset()
+
+    def set(self, key: str, value: str, where: str) -> None:
+        """-set device.ID.KEY=VALUE: qemu_opt_set appends, and the last value wins."""
+        if key == "driver":
+            self.driver = value
+        self.props = (*((k, v) for k, v in self.props if k != key), (key, value))
+        self.numbers = self.numbers - {key}
+        self.source = f"{self.source} with -set {where}"
+
+
+def _json_device(value: str) -> _Raw | None:
     try:
         obj = qemu_json_loads(value)
     except (ValueError, RecursionError):
@@ -171,7 +199,18 @@ def _json_device(value: str) -> tuple[str, str | None, Props] | None:
         return None
     dev_id = obj.get("id")
     props = tuple((k, _prop_text(v)) for k, v in obj.items() if k not in ("driver", "id"))
-    return obj["driver"], dev_id if isinstance(dev_id, str) else None, props
+    numbers = frozenset(
+        k for k, v in obj.items() if isinstance(v, int | float) and not isinstance(v, bool)
+    )
+    return _Raw(
+        0,
+        obj["driver"],
+        dev_id if isinstance(dev_id, str) else None,
+        DeviceSyntax.JSON,
+        "",
+        props,
+        numbers,
+    )
 
 
 def _other_props(opts: Mapping[str, str]) -> Props:
@@ -327,11 +366,12 @@ _WITH_ARGUMENT = frozenset(
 
 @dataclass
 class _Parse:
-    raw: list[tuple[int, str, str | None, DeviceSyntax, str, Props]] = field(default_factory=list)
+    raw: list[_Raw] = field(default_factory=list)
     machine: dict[str, str] = field(default_factory=dict)
     name: str | None = None
     gaps: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
+    refusals: list[str] = field(default_factory=list)
 
 
 def _add_readconfig(p: _Parse, arg_index: int, path: str, text: str | None) -> None:
@@ -348,7 +388,7 @@ def _add_readconfig(p: _Parse, arg_index: int, path: str, text: str | None) -> N
         if group == "device" and "driver" in opts:
             where = f'{path} [device "{gid}"]' if gid else f"{path} [device]"
             syntax, props = DeviceSyntax.READCONFIG, _other_props(opts)
-            p.raw.append((arg_index, opts["driver"], gid, syntax, where, props))
+            p.raw.append(_Raw(arg_index, opts["driver"], gid, syntax, where, props))
         elif group == "machine":
             p.machine.update(opts)
 
@@ -361,13 +401,17 @@ def _add_option(p: _Parse, norm: str, i: int, val: str, files: Mapping[str, str]
             if parsed is None:
                 p.gaps.append(f"{where}: a JSON -device qmpguard cannot parse")
                 return
-            p.raw.append((i, parsed[0], parsed[1], DeviceSyntax.JSON, where, parsed[2]))
+            parsed.arg, parsed.source = i, where
+            p.raw.append(parsed)
             return
         kv = keyval(val, "driver")
         if "driver" not in kv:
             p.gaps.append(f"{where}: a -device without a driver")
             return
-        p.raw.append((i, kv["driver"], kv.get("id"), DeviceSyntax.KEYVAL, where, _other_props(kv)))
+        syntax = DeviceSyntax.KEYVAL
+        p.raw.append(_Raw(i, kv["driver"], kv.get("id"), syntax, where, _other_props(kv)))
+    elif norm == "-set":
+        _set_option(p, where, val)
     elif norm in ("-machine", "-M"):
         p.machine.update(keyval(val, "type"))
     elif norm == "-name":
@@ -378,6 +422,32 @@ def _add_option(p: _Parse, norm: str, i: int, val: str, files: Mapping[str, str]
         p.gaps.append(f"{where}: -drive if=virtio creates an anonymous device implicitly")
     elif norm == "-virtfs":
         p.gaps.append(f"{where}: -virtfs creates an anonymous device implicitly")
+
+
+_SET = re.compile(r"([^.]{1,63})\.([^.]{1,63})\.([^=]{1,63})=(.*)", re.DOTALL)
+
+
+def _set_option(p: _Parse, where: str, val: str) -> None:
+    """`-set device.ID.KEY=VALUE` (qemu_set_option, applied where it stands): it changes
+    the key=val or -readconfig device with that id defined before it; QEMU refuses to
+    start if there is none (a JSON -device is not in that list). Seen on 7.2, 10.0, 11.1."""
+    m = _SET.fullmatch(val)
+    if m is None:
+        p.refusals.append(f"{where}: -set {val}: QEMU cannot parse it")
+        return
+    group, dev_id, key, value = m.groups()
+    if group != "device":
+        return
+    target = next((r for r in reversed(p.raw) if r.id == dev_id and not r.syntax.json_list), None)
+    if target is None:
+        p.refusals.append(
+            f"{where}: -set {val}: there is no key=val or -readconfig device {dev_id!r} "
+            "before it, so QEMU refuses to start"
+        )
+    elif key == "id":
+        p.gaps.append(f"{where}: -set {val} renames a device, which qmpguard does not model")
+    else:
+        target.set(key, value, where)
 
 
 @dataclass(frozen=True)
@@ -423,9 +493,9 @@ def parse_cmdline(argv: list[str], files: Mapping[str, str] | None = None) -> Cl
             p.gaps.append(f"argv[{o.index}]: unknown option {argv[o.index]}")
         elif o.value is not None:
             _add_option(p, o.name, o.value_index, o.value, files or {})
-    ordered = sorted(p.raw, key=lambda r: (r[3].json_list, r[0]))  # stable: QemuOpts first
+    ordered = sorted(p.raw, key=lambda r: (r.syntax.json_list, r.arg))  # stable: QemuOpts first
     devices = tuple(
-        CliDevice(arg, rank, drv, dev_id, syn, src, props)
-        for rank, (arg, drv, dev_id, syn, src, props) in enumerate(ordered)
+        CliDevice(r.arg, rank, r.driver, r.id, r.syntax, r.source, r.props, r.numbers)
+        for rank, r in enumerate(ordered)
     )
-    return CliFacts(devices, p.machine, p.name, tuple(p.gaps), tuple(p.files))
+    return CliFacts(devices, p.machine, p.name, tuple(p.gaps), tuple(p.files), tuple(p.refusals))

@@ -280,6 +280,23 @@ def parse_addr(text: str) -> int | None:
     return (slot << 3) | int(m.group(2) or "0")
 
 
+def option_devfn(cd: CliDevice) -> tuple[str | None, int | None]:
+    """(addr as written, the devfn QEMU gives it): pci-devfn takes an integer as the devfn
+    itself (-1: pick one) and a string as SLOT[.FN] (hw/core/qdev-properties-system.c)."""
+    addr = cd.prop("addr")
+    if addr is None:
+        return None, None
+    if "addr" in cd.numbers:
+        try:
+            number = int(addr)
+        except ValueError:
+            return addr, None
+        if number == -1:
+            return None, None
+        return addr, number if 0 <= number <= 0xFF else None
+    return addr, parse_addr(addr)
+
+
 # ------------------------------------------------------------------ machines
 
 
@@ -630,8 +647,7 @@ def _realize(b: _Build, cd: CliDevice) -> None:
                 )
             return  # most likely not a PCI device at all
         b.unknown_bus_makers.append(f"{driver} ({cd.source})")
-    addr = cd.prop("addr")
-    devfn = parse_addr(addr) if addr is not None else None
+    addr, devfn = option_devfn(cd)
     if addr is not None and devfn is None:
         b.notes.append(f"{driver} ({cd.source}): addr={addr} is not a PCI address qmpguard reads")
     if bus is None:
@@ -770,7 +786,7 @@ def preflight(
                 doubtful.setdefault(path, _doubtful_binding(binding, why, dev))
     bindings.update(doubtful)
     cli_by_path = {b.option_paths[cd.realize_rank]: cd for cd in cli.devices}
-    notes = [*hidden, *b.notes]
+    notes = [*cli.refusals, *hidden, *b.notes]
     for placement in b.placements:
         if placement.bus is None and _IS_VFIO(placement.option.driver):
             why = placement.uncertain or "its bus is unknown"
@@ -944,7 +960,7 @@ def _unknown_machine(
         option_paths[cd.realize_rank] = path
         if not _IS_VFIO(cd.driver):
             continue
-        devfn = parse_addr(cd.prop("addr") or "") or 0
+        devfn = option_devfn(cd)[1] or 0
         topo.devices[path] = _pci_device(path, cd.driver, cd.id, root, devfn, len(members), cd)
         members.append(path)
         bindings[path] = ExpectedBinding(
@@ -955,7 +971,7 @@ def _unknown_machine(
     cli_by_path = {option_paths[cd.realize_rank]: cd for cd in cli.devices}
     order = OrderContext(topo, bindings, cli, "", cli_by_path, None)
     facts = VmFacts(ORIGIN, None, topo, [], bindings, order, {})
-    notes = (why, *hidden)
+    notes = (*cli.refusals, why, *hidden)
     return Preflight(
         name, tuple(argv), files, cli, facts, (), option_paths, notes, None, tuple(hidden)
     )
