@@ -27,33 +27,35 @@ import functools
 import re
 import shutil
 import subprocess
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from qemu.qmp import QMPClient
 
-from qmpguard.demo.fakevfio import (
-    VfioDeviceSpec,
-    build_amd_guest,
-    build_emulation,
-    create_sysfs_device,
-    emulation_env,
-    mapped_bytes,
-)
-from qmpguard.demo.qemu_process import QemuProcess
-from qmpguard.inspection import analyse_snapshot, inspect_target
+from qmpguard.demo.fakevfio import build_amd_guest, build_emulation, mapped_bytes
+from qmpguard.inspection import inspect_target
 from qmpguard.qemu_names import HMP_MTREE
-from qmpguard.report.document import target_json
 from qmpguard.targets import parse_target
-from tests.conftest import QEMU_ARM_MATRIX, QEMU_MATRIX, VmFactory, record_evidence, requires_qemu
+from tests.conftest import QEMU_ARM_MATRIX, QEMU_MATRIX, VmFactory, requires_qemu
+from tests.integration.vfio_vm import (
+    Built,
+    Vm,
+    accepted_silently,
+    all_ram_mapped,
+    codes,
+    console_shows,
+    device,
+    greeted,
+    memfd_machine,
+    nothing_mapped,
+    refused,
+    report,
+    start,
+    vfio,
+)
 
 pytestmark = [pytest.mark.integration, requires_qemu]
 
-RAM_MIB = 64
-RAM = RAM_MIB << 20
 AMD = "amd-iommu,id=viommu"  # 10.0: pt=on by default; 11.1: no dma-remap, pass-through
 AMD_REMAP = f"{AMD},dma-remap=on"
 NIC = "e1000e,bus=pcie.0,addr=3.0"  # between the IOMMU's own 01.0 and vfio at 09.0
@@ -97,125 +99,25 @@ def arm_binary(arm: str, since: tuple[int, int] = (0, 0)) -> str:
     return binary
 
 
-@dataclass
-class Built:
-    so: Path
-    guest: Path
-
-
 @pytest.fixture(scope="session")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     cache = tmp_path_factory.mktemp("fakevfio-amd")
     return Built(build_emulation(cache), build_amd_guest(cache))
 
 
-@dataclass
-class Vm:
-    proc: QemuProcess
-    dma_log: Path
-    console: Path
-
-
-def vfio(tmp_path: Path, bus: str, addr: str | None = "9.0") -> str:
-    sysfs = create_sysfs_device(tmp_path, VfioDeviceSpec("0000:01:00.0", 1))
-    where = f"bus={bus}" + (f",addr={addr}" if addr else "")
-    return f"vfio-pci,id=hostdev0,sysfsdev={sysfs},{where},rombar=0"
-
-
-def start(
-    qemu_vm: VmFactory,
-    tmp_path: Path,
-    built: Built,
-    machine: list[str],
-    devices: list[str],
-    binary: str | None = None,
-    name: str = "vm",
-) -> Vm:
-    """Start QEMU (not waiting for anything): machine args, then one -device per entry."""
-    dma_log, console = tmp_path / f"{name}.dma.log", tmp_path / f"{name}.debugcon.txt"
-    args = [*machine, "-m", str(RAM_MIB)]
-    for dev in devices:
-        args += ["-device", dev]
-    proc = qemu_vm(*args, env=emulation_env(built.so, dma_log), name=name, binary=binary)
-    return Vm(proc, dma_log, console)
-
-
-def q35(built: Built, console: Path | None) -> list[str]:
-    """q35 (TCG; kernel-irqchip=split is not needed for amd-iommu) with memfd RAM, and
-    either the AMD-Vi guest (console given) or -S."""
-    args = [
-        "-M",
-        "q35",
-        "-object",
-        f"memory-backend-memfd,id=mem,size={RAM_MIB}M",
-        "-machine",
-        "memory-backend=mem",
-    ]
-    return args + (
-        ["-kernel", str(built.guest), "-debugcon", f"file:{console}"] if console else ["-S"]
-    )
-
-
 def start_amd(
     qemu_vm: VmFactory, tmp_path: Path, built: Built, devices: list[str], guest: bool
 ) -> Vm:
-    console = tmp_path / "vm.debugcon.txt"
-    return start(qemu_vm, tmp_path, built, q35(built, console if guest else None), devices)
+    """q35 (TCG; kernel-irqchip=split is not needed for amd-iommu) with `devices`, and
+    either the AMD-Vi guest or -S; not waiting (the correct order may be refused)."""
+    return start(qemu_vm, tmp_path, built, memfd_machine("q35"), devices, guest=guest)
 
 
-async def _greeted(proc: QemuProcess) -> None:
-    client = QMPClient("ready")
-    await client.connect(str(proc.qmp_path))
-    await client.execute("query-status")
-    await client.disconnect()
-
-
-def running(vm: Vm, guest: bool = False, timeout: float = 30) -> Vm:
+def running(vm: Vm, guest: bool = False) -> Vm:
     """QEMU greeted on QMP (every cold-plugged device realized); with the guest, also
-    wait (bounded poll on its console) until it printed that the queue drained."""
-    asyncio.run(_greeted(vm.proc))
-    deadline = time.monotonic() + timeout
-    while guest and not (vm.console.exists() and GUEST_MARKER in vm.console.read_text()):
-        assert vm.proc.popen is not None and vm.proc.popen.poll() is None, vm.proc.stderr_text()
-        assert time.monotonic() < deadline, "the AMD-Vi guest did not finish"
-        time.sleep(0.02)  # bounded poll on a condition, not a fixed wait
-    return vm
-
-
-def refused(vm: Vm) -> str:
-    """QEMU exited with an error at start: its stderr."""
-    assert vm.proc.popen is not None
-    assert vm.proc.popen.wait(timeout=60) != 0, vm.proc.stderr_text()
-    return vm.proc.stderr_text()
-
-
-def accepted_silently(vm: Vm) -> bool:
-    """QEMU runs and printed nothing but warnings (none of them about the order)."""
-    assert vm.proc.popen is not None and vm.proc.popen.poll() is None
-    lines = [ln for ln in vm.proc.stderr_text().splitlines() if ln.strip()]
-    return all("warning:" in ln for ln in lines)
-
-
-def all_ram_mapped(vm: Vm) -> bool:
-    mapped = mapped_bytes(vm.dma_log)
-    return len(mapped) == 1 and all(v >= RAM for v in mapped.values())
-
-
-def nothing_mapped(vm: Vm) -> bool:
-    return all(v == 0 for v in mapped_bytes(vm.dma_log).values())
-
-
-def inspect(vm: Vm, cmdline: bool = True, scenario: str = "") -> dict[str, Any]:
-    """qmpguard's report on the VM; cmdline=False keeps only QMP-visible evidence."""
-    live = asyncio.run(inspect_target(parse_target(str(vm.proc.qmp_path))))
-    assert live.ok and live.snapshot is not None, live.error and live.error.message
-    if cmdline:
-        doc = target_json(live)
-    else:
-        doc = target_json(analyse_snapshot(live.target, live.snapshot.without_cmdline()))
-    if scenario:
-        record_evidence(doc, scenario)
-    return doc
+    until it printed on its console that the queue drained."""
+    greeted(vm)
+    return console_shows(vm, GUEST_MARKER, "the AMD-Vi guest did not finish") if guest else vm
 
 
 def mtree_text(vm: Vm) -> str:
@@ -227,16 +129,6 @@ def mtree_text(vm: Vm) -> str:
     return text
 
 
-def device(doc: dict[str, Any], dev_id: str = "hostdev0") -> dict[str, Any]:
-    return next(d for d in doc["devices"] if d["id"] == dev_id)
-
-
-def codes(doc: dict[str, Any], dev_id: str = "hostdev0") -> list[str]:
-    return sorted(
-        f["code"] for f in doc["findings"] if f["device"] == f"/machine/peripheral/{dev_id}"
-    )
-
-
 def finding(doc: dict[str, Any], code: str, dev_id: str = "hostdev0") -> dict[str, Any]:
     return next(
         f
@@ -245,7 +137,8 @@ def finding(doc: dict[str, Any], code: str, dev_id: str = "hostdev0") -> dict[st
     )
 
 
-def qemu_alive(vm: Any) -> bool:
+def qemu_alive(vm: Vm) -> bool:
+    """QEMU is still running (reading it must never abort it)."""
     return bool(vm.proc.popen is not None and vm.proc.popen.poll() is None)
 
 
@@ -255,10 +148,10 @@ def assert_verdict(doc: dict[str, Any], misbound: bool) -> None:
     assert dev["vfio"] and dev["expected"]["kind"] == "viommu", dev["expected"]
     if misbound:
         assert dev["verdict"] == "misbound", dev["order"]
-        assert "QG001" in codes(doc)
+        assert "QG001" in codes(doc, "hostdev0")
     else:
         assert dev["verdict"] == "ok", dev["order"]
-        assert "QG001" not in codes(doc)
+        assert "QG001" not in codes(doc, "hostdev0")
 
 
 def amd_spaces(text: str) -> list[int]:
@@ -287,13 +180,14 @@ def test_amd_dma_remap_guest_translating(
         pytest.skip("amd-iommu has dma-remap (vfio behind a translating amd-iommu) from 10.1")
     devices = order(viommu_first, AMD_REMAP, vfio(tmp_path, "pcie.0"), NIC)
     vm = running(start_amd(qemu_vm, tmp_path, built, devices, guest=True), guest=True)
-    assert nothing_mapped(vm) if viommu_first else all_ram_mapped(vm), mapped_bytes(vm.dma_log)
+    as_ordered = nothing_mapped(vm) if viommu_first else all_ram_mapped(vm, containers=1)
+    assert as_ordered, mapped_bytes(vm.dma_log)
     assert accepted_silently(vm), vm.proc.stderr_text()
-    doc = inspect(vm, scenario="amd-iommu dma-remap, guest translating")
+    doc = report(vm, scenario="amd-iommu dma-remap, guest translating")
     assert_verdict(doc, misbound=not viommu_first)
     # QMP alone: once translating, every amd space has its own flat view (creation order
     # lost). Whatever qmpguard concludes, it must never contradict the DMA log.
-    bare = inspect(vm, cmdline=False, scenario="amd-iommu dma-remap, guest translating, no cmdline")
+    bare = report(vm, cmdline=False, scenario="amd-iommu dma-remap, guest translating, no cmdline")
     assert device(bare)["verdict"] in ("ok" if viommu_first else "misbound", "unverified")
 
 
@@ -312,7 +206,8 @@ def test_amd_dma_remap_paused_sequence(
         pytest.skip("amd-iommu has dma-remap from 10.1")
     devices = order(viommu_first, AMD_REMAP, vfio(tmp_path, "pcie.0"), NIC)
     vm = running(start_amd(qemu_vm, tmp_path, built, devices, guest=False))
-    assert all_ram_mapped(vm), mapped_bytes(vm.dma_log)  # nothing translates before the guest
+    # nothing translates before the guest
+    assert all_ram_mapped(vm, containers=1), mapped_bytes(vm.dma_log)
     text = mtree_text(vm)
     batch = [0, 8, 24, 248, 250, 251]  # mch, AMDVI-PCI, e1000e, LPC, AHCI, SMBus
     assert amd_spaces(text) == (
@@ -320,7 +215,7 @@ def test_amd_dma_remap_paused_sequence(
     )
     seen = [n for n in bus_master_order(text) if n in ("AMDVI-PCI", "vfio-pci")]
     assert seen == (["AMDVI-PCI", "vfio-pci"] if viommu_first else ["vfio-pci", "AMDVI-PCI"])
-    assert_verdict(inspect(vm, scenario="amd-iommu dma-remap, -S"), misbound=not viommu_first)
+    assert_verdict(report(vm, scenario="amd-iommu dma-remap, -S"), misbound=not viommu_first)
 
 
 @ORDERS
@@ -331,7 +226,7 @@ def test_amd_dma_remap_paused_verdict_without_cmdline(
         pytest.skip("amd-iommu has dma-remap from 10.1")
     devices = order(viommu_first, AMD_REMAP, vfio(tmp_path, "pcie.0"), NIC)
     vm = running(start_amd(qemu_vm, tmp_path, built, devices, guest=False))
-    bare = inspect(vm, cmdline=False, scenario="amd-iommu dma-remap, -S, no cmdline")
+    bare = report(vm, cmdline=False, scenario="amd-iommu dma-remap, -S, no cmdline")
     assert_verdict(bare, misbound=not viommu_first)
 
 
@@ -345,9 +240,9 @@ def test_amd_passthrough_keeps_all_ram(
         pytest.skip("QEMU 7.2 refuses the correct order (test_amd_notifier_refusal)")
     devices = order(viommu_first, AMD, vfio(tmp_path, "pcie.0"), NIC)
     vm = running(start_amd(qemu_vm, tmp_path, built, devices, guest=True), guest=True)
-    assert all_ram_mapped(vm), mapped_bytes(vm.dma_log)
+    assert all_ram_mapped(vm, containers=1), mapped_bytes(vm.dma_log)
     assert accepted_silently(vm), vm.proc.stderr_text()
-    doc = inspect(vm, scenario="amd-iommu pass-through, guest running")
+    doc = report(vm, scenario="amd-iommu pass-through, guest running")
     assert_verdict(doc, misbound=not viommu_first)
 
 
@@ -358,8 +253,8 @@ def test_amd_passthrough_is_reported(
         pytest.skip("QEMU 7.2 refuses the correct order (test_amd_notifier_refusal)")
     devices = [AMD, vfio(tmp_path, "pcie.0"), NIC]
     vm = running(start_amd(qemu_vm, tmp_path, built, devices, guest=True), guest=True)
-    assert all_ram_mapped(vm)
-    assert codes(inspect(vm)) != []
+    assert all_ram_mapped(vm, containers=1)
+    assert codes(report(vm), "hostdev0") != []
 
 
 @ORDERS
@@ -378,9 +273,9 @@ def test_amd_notifier_refusal(
         assert NOTIFIER_REFUSAL in err and "Region amd_iommu: device 00.09.0" in err, err
         return
     running(vm, guest=True)
-    assert all_ram_mapped(vm), mapped_bytes(vm.dma_log)
+    assert all_ram_mapped(vm, containers=1), mapped_bytes(vm.dma_log)
     assert accepted_silently(vm), vm.proc.stderr_text()
-    assert_verdict(inspect(vm, scenario="amd-iommu, correct order refused"), misbound=True)
+    assert_verdict(report(vm, scenario="amd-iommu, correct order refused"), misbound=True)
 
 
 def test_amd_refused_order_implies_misbound_without_cmdline(
@@ -392,8 +287,8 @@ def test_amd_refused_order_implies_misbound_without_cmdline(
     vm = running(
         start_amd(qemu_vm, tmp_path, built, [vfio(tmp_path, "pcie.0"), viommu, NIC], False)
     )
-    assert all_ram_mapped(vm)
-    assert_verdict(inspect(vm, cmdline=False), misbound=True)
+    assert all_ram_mapped(vm, containers=1)
+    assert_verdict(report(vm, cmdline=False), misbound=True)
 
 
 # ------------------------------------------------------------- ARM virt, aarch64
@@ -407,7 +302,8 @@ def order_arm(viommu_first: bool, viommu: str, vfio_dev: str) -> list[str]:
 def start_arm(
     qemu_vm: VmFactory, tmp_path: Path, built: Built, binary: str, machine: str, devices: list[str]
 ) -> Vm:
-    return start(qemu_vm, tmp_path, built, ["-S", "-M", machine], devices, binary=binary)
+    """ARM `machine` under -S (no guest is needed on ARM); not waiting."""
+    return start(qemu_vm, tmp_path, built, ["-M", machine], devices, binary=binary)
 
 
 @ON_ARM
@@ -425,9 +321,9 @@ def test_arm_smmuv3_device_order(
         assert MAP_NOTIFIER_REFUSAL in err and "Region smmuv3-iommu-memory-region-" in err, err
         return
     running(vm)
-    assert all_ram_mapped(vm), mapped_bytes(vm.dma_log)
+    assert all_ram_mapped(vm, containers=1), mapped_bytes(vm.dma_log)
     assert accepted_silently(vm), vm.proc.stderr_text()
-    doc = inspect(vm, scenario="arm-smmuv3 device, -S")
+    doc = report(vm, scenario="arm-smmuv3 device, -S")
     assert [v["type"] for v in doc["viommus"]] == ["arm-smmuv3"]
     assert device(doc)["expected"]["viommu"] == "/machine/peripheral/smmu0"
     assert_verdict(doc, misbound=True)
@@ -442,7 +338,7 @@ def test_arm_smmuv3_fix_is_not_reorder(
     binary = arm_binary(arm, since=(10, 2))
     devices = order_arm(False, SMMU_DEVICE, vfio(tmp_path, "rp1", addr=None))
     vm = running(start_arm(qemu_vm, tmp_path, built, binary, "virt", devices))
-    message = finding(inspect(vm), "QG001")["message"]
+    message = finding(report(vm), "QG001")["message"]
     fix = message.split("Fix:", 1)[-1]
     assert "before" not in fix, message  # "put the -device arm-smmuv3 option before ..."
     assert "virtio-iommu" in fix and "refuse" in fix, message
@@ -458,7 +354,7 @@ def test_arm_smmuv3_misorder_without_cmdline(
     binary = arm_binary(arm, since=(10, 2))
     devices = order_arm(False, SMMU_DEVICE, vfio(tmp_path, "rp1", addr=None))
     vm = running(start_arm(qemu_vm, tmp_path, built, binary, "virt", devices))
-    bare = inspect(vm, cmdline=False, scenario="arm-smmuv3 device, -S, no cmdline")
+    bare = report(vm, cmdline=False, scenario="arm-smmuv3 device, -S, no cmdline")
     assert_verdict(bare, misbound=True)
 
 
@@ -484,7 +380,8 @@ def test_arm_virtio_iommu_order(
     binary = arm_binary(arm)
     devices = order_arm(viommu_first, ARM_VIRTIO, vfio(tmp_path, "rp1", addr=None))
     vm = running(start_arm(qemu_vm, tmp_path, built, binary, "virt", devices))
-    assert nothing_mapped(vm) if viommu_first else all_ram_mapped(vm), mapped_bytes(vm.dma_log)
+    as_ordered = nothing_mapped(vm) if viommu_first else all_ram_mapped(vm, containers=1)
+    assert as_ordered, mapped_bytes(vm.dma_log)
     assert accepted_silently(vm), vm.proc.stderr_text()
 
 
@@ -497,10 +394,10 @@ def test_arm_virtio_iommu_verdict(
     binary = arm_binary(arm)
     devices = order_arm(viommu_first, ARM_VIRTIO, vfio(tmp_path, "rp1", addr=None))
     vm = running(start_arm(qemu_vm, tmp_path, built, binary, "virt", devices))
-    doc = inspect(vm, scenario="virtio-iommu-pci on ARM virt, -S")
+    doc = report(vm, scenario="virtio-iommu-pci on ARM virt, -S")
     assert qemu_alive(vm), vm.proc.stderr_text()  # reading must never abort the VM
     assert_verdict(doc, misbound=not viommu_first)
-    bare = inspect(vm, cmdline=False, scenario="virtio-iommu-pci on ARM virt, -S, no cmdline")
+    bare = report(vm, cmdline=False, scenario="virtio-iommu-pci on ARM virt, -S, no cmdline")
     # Without the command line: the vfio device (00.0 behind its root port) and the host
     # bridge (00.0 on pcie.0) have spaces of the same name, so the sequence cannot decide;
     # qmpguard must say so rather than guess.
