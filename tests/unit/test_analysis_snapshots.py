@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from qmpguard.analysis.vm import analyse
 from qmpguard.inspection import analyse_snapshot
+from qmpguard.qemu_names import HMP_QTREE
 from qmpguard.report.document import exit_code, target_json
-from qmpguard.snapshot import Snapshot, load_snapshot, snapshot_from_json
+from qmpguard.snapshot import Snapshot, load_snapshot, reply_key
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 
@@ -61,35 +65,96 @@ def test_without_cmdline_order_is_unknown_and_says_why() -> None:
     assert nic["order"]["evidence"][0]["detail"].startswith("QEMU command line not available")
 
 
-def _mutated(doc: dict[str, Any], command: str, value: Any) -> Snapshot:
-    doc = copy.deepcopy(doc)
-    for reply in doc["replies"]:
-        if reply["execute"] == command and "return" in reply:
-            reply["return"] = value
-            break
-    return snapshot_from_json(doc)
+def _mutated(snap: Snapshot, command: str, arguments: dict[str, Any], value: Any) -> Snapshot:
+    """A copy of `snap` with one recorded reply (which must exist) replaced by `value`."""
+    key = reply_key(command, arguments)
+    assert key in snap.replies, f"{key} is not recorded: the row would mutate nothing"
+    out = copy.deepcopy(snap)
+    out.replies[key] = {"return": value}
+    return out
+
+
+PCIE0 = "/machine/q35/pcie.0"
 
 
 @pytest.mark.parametrize(
-    ("command", "value"),
+    ("command", "arguments", "value", "says"),
     [
-        ("qom-list", "not a list"),
-        ("qom-list", [{"name": 1}]),
-        ("qom-get", {"nested": ["junk"]}),
-        ("qom-list-types", 42),
+        pytest.param(
+            "qom-list",
+            {"path": "/machine/peripheral"},
+            "not a list",
+            "reply is not a list",
+            id="peripheral-not-a-list",
+        ),
+        pytest.param(
+            "qom-list", {"path": "/machine"}, 42, "reply is not a list", id="machine-a-number"
+        ),
+        pytest.param(
+            "qom-list",
+            {"path": PCIE0},
+            [{"name": 1}],
+            "entry without name/type",
+            id="bus-entry-without-type",
+        ),
+        pytest.param(
+            "qom-get",
+            {"path": PCIE0, "property": "child[0]"},
+            {"nested": ["junk"]},
+            "link is not a path",
+            id="link-an-object",
+        ),
+        pytest.param(
+            "qom-get",
+            {"path": "/machine/peripheral/iommu", "property": "primary-bus"},
+            42,
+            "expected str, got int",
+            id="viommu-property-a-number",
+        ),
+        pytest.param(
+            "human-monitor-command",
+            {"command-line": HMP_QTREE},
+            ["junk"],
+            "info qtree",
+            id="qtree-a-list",
+        ),
     ],
 )
-def test_wrong_shapes_become_clear_errors_not_verdicts(command: str, value: Any) -> None:
-    doc = load_snapshot(snapshots("q35-intel-topology")[0]).to_json()
-    snap = _mutated(doc, command, value)
+def test_wrong_shapes_become_clear_errors_not_verdicts(
+    command: str, arguments: dict[str, Any], value: Any, says: str
+) -> None:
+    """Each row replaces a reply the analysis reads (a reply it does not read could not
+    make this test fail): the result is a one-line bad-reply error, exit code 3."""
+    snap = _mutated(load_snapshot(snapshots("q35-intel-topology")[0]), command, arguments, value)
     result = analyse_snapshot("t", snap)
-    if result.ok:  # the mutated reply was one the analysis does not read
-        return
-    assert result.error is not None and result.error.reason == "bad-reply"
-    assert "\n" not in result.error.message
+    assert result.error is not None and result.error.reason == "bad-reply", result.ok
+    assert says in result.error.message and "\n" not in result.error.message
     assert exit_code([result]) == 3
 
 
 def test_analysis_is_deterministic() -> None:
-    snap = load_snapshot(snapshots("q35-intel-topology")[0])
-    assert analyse(snap).findings == analyse(snap).findings
+    """The same JSON report from fresh interpreters with different hash seeds.
+
+    Analysing twice in one process proves little: the qtree parse is cached and the order
+    of sets of strings is fixed by the process's hash seed. Each run here is a new process
+    (`qmpguard check --snapshot`) with its own PYTHONHASHSEED, over every recorded snapshot.
+    """
+    paths = [p for p in sorted(DATA.glob("*.json")) if not p.name.endswith(".truth.json")]
+    argv = [sys.executable, "-m", "qmpguard", "check", "--format", "json"]
+    argv += [arg for p in paths for arg in ("--snapshot", str(p))]
+    runs = [
+        subprocess.run(
+            argv,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        for seed in ("0", "1", "2")
+    ]
+    docs = [json.loads(run.stdout) for run in runs]
+    assert len(docs[0]["targets"]) == len(paths) and any(t["findings"] for t in docs[0]["targets"])
+    assert all(
+        run.stdout == runs[0].stdout and run.returncode == runs[0].returncode for run in runs
+    )
