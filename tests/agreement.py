@@ -213,7 +213,8 @@ class Skip(StrEnum):
     # whole VMs
     NO_VFIO = "no-vfio-device"  # on the command line (as preflight reads it)
     PROCESS_GONE = "process-gone"  # QEMU exited (refused its command line, or the test
-    MONITOR_HELD = "monitor-held"  # stopped it); a client (the test's) holds the monitor
+    PROCESS_STOPPED = "process-stopped"  # stopped it); SIGSTOPped: it cannot answer
+    MONITOR_HELD = "monitor-held"  # a client (the test's) holds the monitor
     CHECK_FAILED = "check-failed"  # check could not inspect the VM (details in the JSON)
     DOMAIN_INACTIVE = "domain-inactive"  # a libvirt domain no longer running
     # single vfio devices
@@ -412,6 +413,15 @@ def _dma_note(vm: QemuProcess) -> str:
     return f"DMA log {log}: bytes still mapped by IOMMU group {mapped_bytes_by_group(Path(log))}"
 
 
+def is_stopped(pid: int) -> bool:
+    """SIGSTOPped (a test of qmpguard's timeouts): it would only time out."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[:1] == ["T"]
+
+
 def outcome_of_vm(vm: QemuProcess) -> VmOutcome:
     """Preflight of a running VM's command line against check of the VM."""
     out = VmOutcome(" ".join(vm.args))
@@ -427,6 +437,9 @@ def outcome_of_vm(vm: QemuProcess) -> VmOutcome:
     out.label = " ".join(pf.argv)
     if not _vfio(pf.analysis()) and not pf.hidden:
         out.skipped = Skip.NO_VFIO
+        return out
+    if is_stopped(vm.pid):
+        out.skipped = Skip.PROCESS_STOPPED
         return out
     result = _run(inspect_target(Target("unix", str(vm.qmp_path))))
     if _failed(out, result, vm.popen.poll() is not None):

@@ -8,6 +8,9 @@ by the analysis of another command line (the same rules judge both).
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from tests.agreement import (
     VmOutcome,
     compare,
     hotplug_of_trace,
+    is_stopped,
     pair,
     side_of,
     side_of_json,
@@ -210,3 +214,16 @@ def test_side_of_json_matches_side_of() -> None:
 
     dev = next(d for d in preflight(VFIO_FIRST).analysis().devices if d.device.vfio)
     assert side_of(dev) == side_of_json(json.loads(json.dumps(device_json(dev))))
+
+
+def test_a_stopped_process_is_not_inspected() -> None:
+    """A SIGSTOPped QEMU (the timeout tests) would only make check time out."""
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        assert not is_stopped(proc.pid)
+        os.kill(proc.pid, signal.SIGSTOP)
+        os.waitpid(proc.pid, os.WUNTRACED)  # returns once the kernel has stopped it
+        assert is_stopped(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
