@@ -26,14 +26,18 @@ import shlex
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 from qmpguard import qemu_names as T
 from qmpguard.analysis.cmdline import CliDevice, DeviceSyntax
 from qmpguard.analysis.libvirt_xml import LIBVIRT_TAIL
 from qmpguard.analysis.model import Verdict
-from qmpguard.analysis.viommu_models import model
+from qmpguard.analysis.viommu_models import (
+    model,
+    refuses_vfio_after_on_every_version,
+    version_matters,
+)
 
 if TYPE_CHECKING:
     from qmpguard.analysis.preflight import Preflight
@@ -171,7 +175,7 @@ def _verify(original: Preflight, argv: list[str]) -> str | None:
     vIOMMU, or any device now on another bus or address than in the original."""
     from qmpguard.analysis.preflight import preflight
 
-    after = preflight(argv, original.files, target=original.target)
+    after = preflight(argv, original.files, target=original.target, version=original.version)
     verdicts = after.analysis().devices
     still = [d.device.label for d in verdicts if d.verdict is Verdict.MISBOUND]
     if still:
@@ -248,7 +252,7 @@ def _fix_one(
     transport: str,
     devs: list[DeviceAnalysis],
 ) -> Fix | None:
-    from qmpguard.analysis.preflight import preflight
+    from qmpguard.analysis.preflight import QemuVersion, preflight
 
     viommu = devs[0].binding.viommu
     assert viommu is not None
@@ -259,17 +263,34 @@ def _fix_one(
         return Fix("none", text, text, None, viommu.path, paths)
     cli_by_path = vm.facts.order.cli_by_path
     v_cd = cli_by_path.get(viommu.path)
+    refused = viommu.refuses_vfio_after  # this QEMU refuses the right order
+    if refused is None and v_cd is not None and vm.facts.qemu_version is None:
+        refused = refuses_vfio_after_on_every_version(viommu.type, dict(v_cd.props))
+    if refused is not None:
+        text = (m.when_refused or m.alternative or refused) + "."
+        return Fix("none", text, text, None, viommu.path, paths)
     f_cds = [cli_by_path.get(p) for p in paths]
     if v_cd is None or any(c is None for c in f_cds):
         return None
+    version = QemuVersion(vm.facts.qemu_version, "")
     firsts = sorted((c for c in f_cds if c is not None), key=lambda c: c.realize_rank)
-    original = preflight(argv, files)
+    original = preflight(argv, files, version=version)
     vmid = proxmox_vmid(argv)
     if vmid is not None:
-        return _proxmox(original, argv, v_cd, firsts, vmid, viommu.type, viommu.path, paths)
-    if transport == "libvirt" or libvirt_made(argv):
-        return _libvirt(original, argv, v_cd, firsts, viommu.type, viommu.path, paths)
-    return _reordered(original, argv, v_cd, firsts, viommu.path, paths, vm)
+        fix = _proxmox(original, argv, v_cd, firsts, vmid, viommu.type, viommu.path, paths)
+    elif transport == "libvirt" or libvirt_made(argv):
+        fix = _libvirt(original, argv, v_cd, firsts, viommu.type, viommu.path, paths)
+    else:
+        fix = _reordered(original, argv, v_cd, firsts, viommu.path, paths, vm)
+    if version.text is None and (why := version_matters(viommu.type, dict(v_cd.props))):
+        # Reordering never binds it wrongly: it either fixes the binding or makes QEMU
+        # refuse loudly. Which one is the version's to say, so the fix says that.
+        caveat = (
+            f" Whether QEMU accepts the corrected order depends on its version, which "
+            f"qmpguard does not know ({why}): give --qemu-version to know."
+        )
+        fix = replace(fix, text=fix.text + caveat, how=fix.how + caveat)
+    return fix
 
 
 def _reordered(

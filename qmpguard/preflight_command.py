@@ -13,17 +13,27 @@ same PID, same environment and file descriptors), or refuses with exit 2.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
 import shlex
+import shutil
 import signal
+import subprocess
 import sys
 from dataclasses import dataclass
 from typing import Any
 
 from qmpguard.analysis.libvirt_xml import MAX_XML_BYTES, DomainXmlError, domain_argv
-from qmpguard.analysis.preflight import Preflight, preflight, read_config_files
+from qmpguard.analysis.preflight import (
+    Preflight,
+    QemuVersion,
+    machine_binary,
+    preflight,
+    read_config_files,
+)
+from qmpguard.analysis.viommu_models import parse_version
 from qmpguard.fix import fixes
 from qmpguard.process import read_command_line_files, readconfig_paths
 from qmpguard.report.document import EXIT_CRITICAL, EXIT_OK, EXIT_UNKNOWN, exit_code, report_json
@@ -55,6 +65,16 @@ class InputError(Exception):
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-format", choices=["auto", "console", "json"], default="auto")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+
+
+def _version_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--qemu-version",
+        metavar="X.Y",
+        help="the version of the QEMU that will run the command line (default: ask the "
+        "binary in argv[0] with --version; 'none' runs nothing, and rules that depend on "
+        "the version then conclude nothing)",
+    )
 
 
 def add_parsers(sub: Any) -> None:
@@ -98,6 +118,7 @@ def add_parsers(sub: Any) -> None:
         action="store_true",
         help="with --gate: also refuse a command line qmpguard cannot verify",
     )
+    _version_option(p)
     _common(p)
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- QEMU ARGS")
 
@@ -113,6 +134,7 @@ def add_parsers(sub: Any) -> None:
         action="store_true",
         help="also refuse a command line qmpguard cannot verify (default: start with a warning)",
     )
+    _version_option(e)
     _common(e)
     e.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- QEMU ARGS")
 
@@ -212,8 +234,55 @@ def load(args: argparse.Namespace) -> Loaded:
         }
     else:
         files, unreadable = read_config_files(argv, getattr(args, "cwd", None))
-    pf = preflight(argv, files, unreadable, target)
+    version = qemu_version(argv[0], pid, getattr(args, "qemu_version", None))
+    pf = preflight(argv, files, unreadable, target, version)
     return Loaded(pf, (*notes, *pf.notes))
+
+
+# ------------------------------------------------------------------ the QEMU version
+
+VERSION_TIMEOUT = 10.0
+
+
+def qemu_version(argv0: str, pid: int | None, given: str | None) -> QemuVersion:
+    """The version of the QEMU that will run the command line: `given` (--qemu-version),
+    else what the binary says to --version: the running process's own (/proc/PID/exe)
+    for /proc/PID/cmdline, else argv[0] as QEMU would be found. Only a binary named like
+    QEMU is run (qemu-system-*, kvm, qemu-kvm); whatever fails says why, never a guess."""
+    if given is not None:
+        if given.lower() == "none":
+            return QemuVersion(None, "--qemu-version none")
+        if parse_version(given) is None:
+            raise InputError(f"--qemu-version {given}: not a version like 10.0 or 11.1.3")
+        return QemuVersion(given, "")
+    if not machine_binary(argv0):
+        return QemuVersion(
+            None, f"argv[0] {argv0!r} is not a QEMU binary name: give --qemu-version"
+        )
+    binary = f"/proc/{pid}/exe" if pid is not None else shutil.which(argv0)
+    if binary is None:
+        return QemuVersion(None, f"{argv0} is not found here: give --qemu-version")
+    return _version_of(binary)
+
+
+@functools.lru_cache(maxsize=16)
+def _version_of(binary: str) -> QemuVersion:
+    """`BINARY --version` (a process, never a VM): its first line's version."""
+    try:
+        done = subprocess.run(
+            [binary, "--version"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=VERSION_TIMEOUT,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return QemuVersion(None, f"{binary} --version failed ({exc}): give --qemu-version")
+    first = done.stdout.decode("utf-8", "replace").strip().splitlines()[:1]
+    m = re.search(r"QEMU emulator version (\d+\.\d+(?:\.\d+)?)", first[0] if first else "")
+    if done.returncode != 0 or m is None:
+        return QemuVersion(None, f"{binary} --version printed no QEMU version: give --qemu-version")
+    return QemuVersion(m.group(1), "")
 
 
 # ------------------------------------------------------------------ the gate
@@ -319,7 +388,9 @@ def _print_fix(pf: Preflight, write: Any) -> int:
             print(f"qmpguard: no corrected command line: {fix.text}", file=sys.stderr)
             return EXIT_CRITICAL
         done.append(fix.how)
-        current = preflight(list(fix.argv), current.files, target=current.target)
+        current = preflight(
+            list(fix.argv), current.files, target=current.target, version=current.version
+        )
     else:
         print("qmpguard: the fixes do not converge", file=sys.stderr)
         return EXIT_CRITICAL

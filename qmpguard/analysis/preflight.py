@@ -50,6 +50,16 @@ from qmpguard.analysis.order import OrderContext
 from qmpguard.analysis.qtree import TypeFacts
 from qmpguard.analysis.topology import PciBus, PciDevice, Topology
 from qmpguard.analysis.viommu import VIommu
+from qmpguard.analysis.viommu_models import (
+    Version,
+    exits_with_vfio,
+    parse_version,
+    passthrough,
+    refuses_vfio_after,
+    refuses_vfio_after_on_every_version,
+    rule_properties,
+    version_matters,
+)
 from qmpguard.analysis.vm import VmAnalysis, VmFacts, judge
 from qmpguard.process import readconfig_paths
 from qmpguard.snapshot import Snapshot
@@ -373,6 +383,12 @@ _X86_BINARIES = re.compile(r"(qemu-system-(x86_64|i386)|kvm|qemu-kvm)")
 _ARM_BINARIES = re.compile(r"qemu-system-(aarch64|arm)")
 
 
+def machine_binary(argv0: str) -> bool:
+    """Whether argv[0] names a QEMU system emulator qmpguard knows (x86 or ARM)."""
+    binary = os.path.basename(argv0)
+    return bool(_X86_BINARIES.fullmatch(binary) or _ARM_BINARIES.fullmatch(binary))
+
+
 def machine_model(type_name: str | None, argv0: str) -> tuple[MachineModel | None, str]:
     """The model of a machine type (aliases and versioned names), or None and why not."""
     binary = os.path.basename(argv0)
@@ -438,6 +454,7 @@ class Placement:
 class _Build:
     machine: MachineModel
     hidden: list[str]  # why devices may exist that qmpguard cannot see
+    version: Version | None = None  # of the QEMU that will run the command line
     hosts: list[list[str]] = field(default_factory=list)  # sysbus PCI hosts: their root buses
     buses: dict[str, _Bus] = field(default_factory=dict)
     devices: dict[str, _Dev] = field(default_factory=dict)
@@ -575,7 +592,7 @@ def _board(b: _Build, cli: CliFacts, argv: list[str]) -> None:
     for n, dtype in enumerate(default_devices(m, cli, argv)):
         b.plug(f"builtin:{dtype}#{n}", dtype, None, root, None)
     if m is ARM_VIRT and opts.get("iommu") == "smmuv3":
-        b.viommus.append(VIommu("builtin:arm-smmuv3", "arm-smmuv3", "smmuv3", root.path, True))
+        b.viommus.append(_sysbus_viommu(b, "builtin:arm-smmuv3", "arm-smmuv3", root.path, None))
 
 
 def implicit_devices(argv: list[str]) -> list[CliDevice]:
@@ -621,7 +638,7 @@ def _realize(b: _Build, cd: CliDevice) -> None:
     main_root = b.machine.root_path
     driver = canonical_driver(cd.driver)
     if driver in ("intel-iommu", "amd-iommu"):
-        b.viommus.append(VIommu(path, driver, T.VIOMMU_TYPES[driver], main_root, False))
+        b.viommus.append(_sysbus_viommu(b, path, driver, main_root, cd))
         if driver == "amd-iommu":  # amdvi_realize plugs its PCI function into the root bus
             b.plug(f"builtin:AMDVI-PCI({path})", "AMDVI-PCI", None, b.buses[main_root], None)
         return
@@ -630,9 +647,7 @@ def _realize(b: _Build, cd: CliDevice) -> None:
         found = [bus.path for bus in b.buses.values() if bus.name == target]
         if len(found) != 1:
             b.notes.append(f"{driver} ({cd.source}): primary-bus is not one bus qmpguard knows")
-        b.viommus.append(
-            VIommu(path, driver, "smmuv3", found[0] if len(found) == 1 else None, False)
-        )
+        b.viommus.append(_sysbus_viommu(b, path, driver, found[0] if len(found) == 1 else None, cd))
         return
     kind = pci_kind(driver)
     if kind is False:
@@ -672,6 +687,25 @@ def _realize(b: _Build, cd: CliDevice) -> None:
         b.viommus.append(VIommu(path, driver, T.VIOMMU_TYPES[driver], bus.path, False))
 
 
+def _sysbus_viommu(
+    b: _Build, path: str, driver: str, covers: str | None, cd: CliDevice | None
+) -> VIommu:
+    """A sysbus vIOMMU with the model rules check applies (viommu_models), fed from the
+    command line's properties and this QEMU's defaults instead of QOM reads; `cd` None:
+    the machine created it (virt,iommu=smmuv3)."""
+    props = rule_properties(driver, dict(cd.props) if cd else {}, b.version)
+    machine_created = cd is None
+    return VIommu(
+        path,
+        driver,
+        T.VIOMMU_TYPES[driver],
+        covers,
+        machine_created,
+        refuses_vfio_after(driver, props, machine_created, b.version),
+        passthrough(driver, props, b.version),
+    )
+
+
 def _expander(b: _Build, dev: _Dev, cd: CliDevice) -> None:
     """pxb_dev_realize_common: a host bridge with its own root bus, paired with the pxb."""
     bypass = qemu_bool(cd.prop("bypass_iommu"))
@@ -690,6 +724,22 @@ def _expander(b: _Build, dev: _Dev, cd: CliDevice) -> None:
 
 
 @dataclass(frozen=True)
+class QemuVersion:
+    """The version of the QEMU that will run a command line ("11.1.3"), or why it is
+    not known: the rules that depend on it then conclude nothing (never a guess)."""
+
+    text: str | None
+    missing: str = "no QEMU version given"
+
+    @property
+    def parsed(self) -> Version | None:
+        return parse_version(self.text)
+
+
+UNKNOWN_VERSION = QemuVersion(None)
+
+
+@dataclass(frozen=True)
 class Preflight:
     """One command line, understood: its facts for judge(), and what was uncertain."""
 
@@ -705,6 +755,15 @@ class Preflight:
     #: Why devices may exist that qmpguard cannot see (an unreadable -readconfig, an
     #: option it cannot parse): vfio devices among them cannot be judged at all.
     hidden: tuple[str, ...] = ()
+    #: Why the QEMU that runs it will refuse to start with this command line.
+    refusals: tuple[str, ...] = ()
+
+    version: QemuVersion = UNKNOWN_VERSION
+
+    @property
+    def qemu_version(self) -> str | None:
+        """The version of the QEMU that will run it ("11.1.3"), None if unknown."""
+        return self.version.text
 
     def analysis(self) -> VmAnalysis:
         """Verdicts and findings, by the same rules as `check`."""
@@ -712,6 +771,7 @@ class Preflight:
             target=self.target,
             transport=TRANSPORT,
             collected_at="",
+            qemu_version=self.qemu_version,
             cmdline=list(self.argv),
             files=dict(self.files),
         )
@@ -753,10 +813,12 @@ def preflight(
     files: Mapping[str, str] | None = None,
     unreadable: Mapping[str, str] | None = None,
     target: str | None = None,
+    version: QemuVersion = UNKNOWN_VERSION,
 ) -> Preflight:
     """Pure: a QEMU argv (and the text of its -readconfig files) in, facts out.
 
-    `unreadable` maps a -readconfig path to why it could not be read (for the evidence).
+    `unreadable` maps a -readconfig path to why it could not be read (for the evidence);
+    `version`: of the QEMU that will run it (preflight_command finds it).
     """
     files = dict(files or {})
     cli = parse_cmdline(argv, files)
@@ -765,7 +827,7 @@ def preflight(
     name = target or target_name(argv, cli)
     if machine is None:
         return _unknown_machine(name, argv, files, cli, why_unknown, hidden)
-    b = _Build(machine, hidden)
+    b = _Build(machine, hidden, version.parsed)
     _board(b, cli, argv)
     for cd in realize_order(cli, argv):
         _realize(b, cd)
@@ -786,7 +848,9 @@ def preflight(
                 doubtful.setdefault(path, _doubtful_binding(binding, why, dev))
     bindings.update(doubtful)
     cli_by_path = {b.option_paths[cd.realize_rank]: cd for cd in cli.devices}
-    notes = [*cli.refusals, *hidden, *b.notes]
+    refusals = [*cli.refusals, *_refusals(topo, bindings, cli_by_path, b, version)]
+    bindings.update(_version_doubts(topo, bindings, cli_by_path, version))
+    notes = [*refusals, *hidden, *b.notes]
     for placement in b.placements:
         if placement.bus is None and _IS_VFIO(placement.option.driver):
             why = placement.uncertain or "its bus is unknown"
@@ -794,8 +858,8 @@ def preflight(
             _place_unknown(topo, bindings, placement, why, bool(b.viommus or hidden))
     _hidden_vfio(topo, bindings, hidden)
     facts = VmFacts(
-        origin=ORIGIN,
-        qemu_version=None,
+        origin=ORIGIN if version.text is None else f"QEMU {version.text} {ORIGIN[5:]}",
+        qemu_version=version.text,
         topology=topo,
         viommus=sorted(b.viommus, key=lambda v: v.path),
         bindings=bindings,
@@ -813,7 +877,90 @@ def preflight(
         tuple(notes),
         machine,
         tuple(hidden),
+        tuple(refusals),
+        version,
     )
+
+
+def _realized_after(
+    cli_by_path: Mapping[str, CliDevice], dev: PciDevice, viommu: VIommu
+) -> bool | None:
+    """Whether the command line realizes `dev` after `viommu` (None: not both options)."""
+    if viommu.machine_created:
+        return True
+    cd, cv = cli_by_path.get(dev.path), cli_by_path.get(viommu.path)
+    if cd is None or cv is None:
+        return None
+    return cd.realize_rank > cv.realize_rank
+
+
+#: TYPE_VFIO_PCI and its subtype: what intel-iommu's machine-done check looks for (not
+#: vfio-user-pci, a sibling).
+_VFIO_PCI = frozenset({"vfio-pci", "vfio-pci-nohotplug"})
+
+
+def _refusals(
+    topo: Topology,
+    bindings: Mapping[str, ExpectedBinding],
+    cli_by_path: Mapping[str, CliDevice],
+    b: _Build,
+    version: QemuVersion,
+) -> list[str]:
+    """Why this QEMU will refuse to start, by the model rules check uses (viommu_models):
+    a vfio device realized after a vIOMMU that refuses it, or a vIOMMU that makes QEMU
+    exit whenever vfio-pci exists. A running VM never shows these; a command line can."""
+    out = []
+    qemu = f"QEMU {version.text}"
+    for path, dev in topo.devices.items():
+        v = bindings[path].viommu
+        if not dev.vfio or v is None or not _realized_after(cli_by_path, dev, v):
+            continue
+        cd = cli_by_path.get(v.path)
+        why = v.refuses_vfio_after or (
+            refuses_vfio_after_on_every_version(v.type, dict(cd.props) if cd else {})
+            if b.version is None
+            else None
+        )
+        if why is not None:
+            who = qemu if b.version is not None else "QEMU"
+            out.append(
+                f"{who} will refuse to start: {dev.label} is realized after {v.label} "
+                f"({why.split(', so ')[0]})"
+            )
+    vfio_pci = [d.label for d in topo.devices.values() if d.type in _VFIO_PCI]
+    for v in b.viommus:
+        cd = cli_by_path.get(v.path)
+        props = rule_properties(v.type, dict(cd.props) if cd else {}, b.version)
+        why = exits_with_vfio(v.type, props, b.version)
+        if why is not None and vfio_pci:
+            out.append(f"{qemu} will refuse to start ({', '.join(vfio_pci)}): {why}")
+    return out
+
+
+def _version_doubts(
+    topo: Topology,
+    bindings: Mapping[str, ExpectedBinding],
+    cli_by_path: Mapping[str, CliDevice],
+    version: QemuVersion,
+) -> dict[str, ExpectedBinding]:
+    """Without the QEMU version, a vfio device realized after a vIOMMU whose rules depend
+    on it is unverified, with both reasons: whether QEMU starts, and whether the guest's
+    IOMMU translates the device, differ between versions. One realized before it is
+    misbound on every version that starts it, so that verdict stands."""
+    if version.text is not None:
+        return {}
+    out = {}
+    for path, dev in topo.devices.items():
+        binding = bindings[path]
+        v = binding.viommu
+        if not dev.vfio or v is None or binding.kind is not BindingKind.VIOMMU:
+            continue
+        cd = cli_by_path.get(v.path)
+        why = version_matters(v.type, dict(cd.props) if cd else {})
+        if why is not None and _realized_after(cli_by_path, dev, v):
+            label = f"the QEMU version is unknown ({version.missing}), and {why}"
+            out[path] = _doubtful_binding(binding, label, dev)
+    return out
 
 
 HIDDEN_VFIO = "(any vfio device among those qmpguard cannot see)"

@@ -74,6 +74,9 @@ MODELS: dict[str, ViommuModel] = {
         ),
         True,
         "",
+        "reordering alone makes QEMU refuse to start (intel-iommu without caching-mode=on "
+        "refuses vfio-pci realized after it): put -device intel-iommu,caching-mode=on "
+        "before the vfio device",
     ),
     "virtio": ViommuModel(
         "virtio",
@@ -135,11 +138,68 @@ def model(kind: str) -> ViommuModel:
 
 Version = tuple[int, int]
 
-#: Properties read from a sysbus vIOMMU, per type, for the rules below.
+#: Properties read from a sysbus vIOMMU, per type, for the rules below (check reads them
+#: over QOM; intel-iommu's caching-mode is not read yet: preflight alone uses that rule).
 PROPERTIES: dict[str, tuple[str, ...]] = {
     "amd-iommu": ("pt", "dma-remap"),
     "arm-smmuv3": ("accel",),
 }
+
+
+@dataclass(frozen=True)
+class PropertySpan:
+    """A rule property on a QEMU range: from `since` (None: always) to before `until`
+    (None: still there), with its default (`-device TYPE,help` of 7.2, 10.0 and 11.1)."""
+
+    default: bool
+    since: Version | None = None
+    until: Version | None = None
+
+    def exists(self, version: Version) -> bool:
+        return (self.since is None or version >= self.since) and (
+            self.until is None or version < self.until
+        )
+
+    @property
+    def version_bound(self) -> bool:
+        return self.since is not None or self.until is not None
+
+
+SPANS: dict[str, dict[str, PropertySpan]] = {
+    "amd-iommu": {
+        "pt": PropertySpan(True, until=(10, 1)),
+        "dma-remap": PropertySpan(False, since=(10, 1)),
+    },
+    "arm-smmuv3": {"accel": PropertySpan(False)},
+    "intel-iommu": {"caching-mode": PropertySpan(False)},
+}
+
+_ON = frozenset({"on", "yes", "true", "y"})
+_OFF = frozenset({"off", "no", "false", "n"})
+
+
+def parse_version(text: str | None) -> Version | None:
+    """(major, minor) of "11.1.3", "QEMU emulator version 10.0.2 (Debian ...)" or "7.2"."""
+    m = re.search(r"(?:^|version )(\d+)\.(\d+)", text or "")
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def rule_properties(
+    vtype: str, given: Mapping[str, str], version: Version | None
+) -> dict[str, object]:
+    """What check would read over QOM for the rules below, from a command line's
+    properties: the value given (QEMU's boolean words) or the default, for each property
+    this version has. With the version unknown, a property only some versions have is
+    left out, so no version-bound rule concludes (version_matters says why)."""
+    out: dict[str, object] = {}
+    for prop, span in SPANS.get(vtype, {}).items():
+        if version is None and span.version_bound:
+            continue
+        if version is not None and not span.exists(version):
+            continue
+        word = given.get(prop, "").lower()
+        out[prop] = True if word in _ON else False if word in _OFF else span.default
+    return out
 
 
 def refuses_vfio_after(
@@ -151,6 +211,13 @@ def refuses_vfio_after(
         return (
             "QEMU's emulated SMMUv3 has no MAP notifier: it refuses vfio-pci realized after "
             "it (seen on 11.1), so a running one was realized before it"
+        )
+    uncached = vtype == "intel-iommu" and props.get("caching-mode") is False
+    if uncached and version is not None and version >= (10, 2):
+        return (
+            "intel-iommu without caching-mode=on refuses vfio-pci realized after it from "
+            "QEMU 10.2 on (the check moved to the moment vfio finds the vIOMMU), so a "
+            "running one was realized before it"
         )
     if vtype == "amd-iommu" and version is not None:
         if version[0] == 7:
@@ -175,4 +242,41 @@ def passthrough(vtype: str, props: Mapping[str, object], version: Version | None
         return "amd-iommu without dma-remap=on keeps vfio devices in pass-through"
     if "dma-remap" not in props and props.get("pt") is True:
         return "amd-iommu with pt=on (10.0's default) keeps vfio devices in pass-through"
+    return None
+
+
+def exits_with_vfio(vtype: str, props: Mapping[str, object], version: Version | None) -> str | None:
+    """Why QEMU exits at machine-done when any vfio-pci device exists, whatever the order
+    (so a command line, not a running VM, can show it)."""
+    if vtype != "intel-iommu" or props.get("caching-mode") is not False:
+        return None
+    if version is None or version >= (10, 2):
+        return None
+    return (
+        "intel-iommu without caching-mode=on makes QEMU up to 10.1 exit at machine-done "
+        "when any vfio-pci device exists, whatever the order"
+    )
+
+
+def version_matters(vtype: str, given: Mapping[str, str]) -> str | None:
+    """Why the rules above need the QEMU version for this vIOMMU (None: they do not):
+    what a correctly ordered vfio device behind it gets differs between versions."""
+    if vtype == "amd-iommu":
+        return (
+            "amd-iommu refuses vfio-pci realized after it on 7.2 (and 10.0 with pt=off), "
+            "keeps it in pass-through on 10.0 (pt=on) and from 10.1 without dma-remap=on, "
+            "and translates it from 10.1 with dma-remap=on"
+        )
+    return None
+
+
+def refuses_vfio_after_on_every_version(vtype: str, given: Mapping[str, str]) -> str | None:
+    """Why no QEMU version starts vfio-pci realized after this vIOMMU, if none does: the
+    two intel-iommu rules above together (exit at machine-done up to 10.1, refused
+    order from 10.2), so a version-less preflight can say it too."""
+    if rule_properties(vtype, given, (0, 0)).get("caching-mode") is False:
+        return (
+            "intel-iommu without caching-mode=on makes QEMU exit with any vfio-pci up to "
+            "10.1, and refuse vfio-pci realized after it from 10.2"
+        )
     return None

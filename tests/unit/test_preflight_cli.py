@@ -57,7 +57,7 @@ def test_exit_codes_are_checks(argv: list[str], code: int) -> None:
 
 
 def test_json_is_checks_report_document() -> None:
-    proc = qmpguard("preflight", "--format", "json", "--", *MISBOUND)
+    proc = qmpguard("preflight", "--format", "json", "--qemu-version", "none", "--", *MISBOUND)
     doc = json.loads(proc.stdout)
     assert doc["schema"] == "qmpguard.report/1"
     assert doc["summary"] == {"worst": "critical", "exit_code": 2}
