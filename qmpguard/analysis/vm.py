@@ -87,47 +87,76 @@ def _verdict(dev: PciDevice, binding: ExpectedBinding, order: OrderEvidence) -> 
     return _BY_ORDER[order.relative]
 
 
+@dataclass(frozen=True)
+class PciFunction:
+    """One function query-pci lists: where the guest's firmware numbered it."""
+
+    bus: int
+    slot: int
+    function: int
+    qdev_id: str | None  # set for named devices only
+
+    @property
+    def devfn(self) -> int:
+        return (self.slot << 3) | self.function
+
+    @property
+    def bdf(self) -> str:
+        """Guest-visible bus:slot.function, e.g. '01:00.0'."""
+        return f"{self.bus:02x}:{self.slot:02x}.{self.function}"
+
+
 def guest_bdfs(snap: Snapshot, topo: Topology) -> dict[str, str]:
     """Guest-visible BDFs from query-pci, for devices the firmware has numbered.
 
     query-pci has no QOM paths; devices are matched by qdev id, which only named
     devices have. Anonymous devices on the main root bus are matched by devfn.
     """
-    reply = snap.get_or([], "query-pci")
-    out: dict[str, str] = {}
-    if not isinstance(reply, list):
-        return out
     by_id = {d.id: d for d in topo.devices.values() if d.id}
     root_by_devfn = {d.devfn: d for d in topo.devices.values() if d.bus == topo.main_root}
-
-    def walk(bus_no: int, devices: object) -> None:
-        if not isinstance(devices, list):
-            return
-        for entry in devices:
-            if not isinstance(entry, dict):
-                continue
-            slot, fn, qid = entry.get("slot"), entry.get("function"), entry.get("qdev_id")
-            if not isinstance(slot, int) or not isinstance(fn, int):
-                continue
-            dev = by_id.get(qid) if isinstance(qid, str) and qid else None
-            if dev is None and bus_no == 0:
-                dev = root_by_devfn.get((slot << 3) | fn)
-            if dev is not None:
-                out[dev.path] = f"{bus_no:02x}:{slot:02x}.{fn}"
-            bridge = entry.get("pci_bridge")
-            if isinstance(bridge, dict):
-                sec = (
-                    bridge.get("bus", {}).get("secondary")
-                    if isinstance(bridge.get("bus"), dict)
-                    else None
-                )
-                if isinstance(sec, int) and sec > 0:
-                    walk(sec, bridge.get("devices"))
-
-    for bus in reply:
-        if isinstance(bus, dict) and isinstance(bus.get("bus"), int):
-            walk(bus["bus"], bus.get("devices"))
+    out: dict[str, str] = {}
+    for fn in query_pci_functions(snap.get_or([], "query-pci")):
+        dev = by_id.get(fn.qdev_id) if fn.qdev_id else None
+        if dev is None and fn.bus == 0:
+            dev = root_by_devfn.get(fn.devfn)
+        if dev is not None:
+            out[dev.path] = fn.bdf
     return out
+
+
+def query_pci_functions(reply: object) -> list[PciFunction]:
+    """Every well-formed function of a query-pci reply, each bridge's functions right
+    after the bridge; a bridge whose secondary bus is not numbered yet (0) hides its own.
+    Malformed entries are skipped: BDFs are shown, never reasoned about."""
+    out: list[PciFunction] = []
+    for bus in reply if isinstance(reply, list) else []:
+        if isinstance(bus, dict) and isinstance(bus.get("bus"), int):
+            out += _bus_functions(bus["bus"], bus.get("devices"))
+    return out
+
+
+def _bus_functions(bus_no: int, devices: object) -> list[PciFunction]:
+    """The functions on bus `bus_no` and, depth first, behind its numbered bridges."""
+    out: list[PciFunction] = []
+    for entry in devices if isinstance(devices, list) else []:
+        if not isinstance(entry, dict):
+            continue
+        slot, fn, qid = entry.get("slot"), entry.get("function"), entry.get("qdev_id")
+        if not isinstance(slot, int) or not isinstance(fn, int):
+            continue
+        out.append(PciFunction(bus_no, slot, fn, qid if isinstance(qid, str) else None))
+        bridge = entry.get("pci_bridge")
+        secondary = _secondary_bus(bridge)
+        if secondary is not None and isinstance(bridge, dict):
+            out += _bus_functions(secondary, bridge.get("devices"))
+    return out
+
+
+def _secondary_bus(bridge: object) -> int | None:
+    """A query-pci bridge's secondary bus number once the firmware has set it (> 0)."""
+    bus = bridge.get("bus") if isinstance(bridge, dict) else None
+    secondary = bus.get("secondary") if isinstance(bus, dict) else None
+    return secondary if isinstance(secondary, int) and secondary > 0 else None
 
 
 def snapshot_facts(snap: Snapshot) -> VmFacts:
