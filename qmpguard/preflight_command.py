@@ -358,7 +358,8 @@ def run_preflight(args: argparse.Namespace) -> int:
     _say("qmpguard: note: ", loaded.notes)
     if args.fix:
         return _print_fix(pf, write_stdout)
-    result = TargetResult(pf.target, None, pf.analysis(), None)
+    vm = pf.analysis()
+    result = TargetResult(pf.target, vm.snapshot, vm, None)  # the snapshot: the version
     results = [result]
     if args.format == "json":
         report = json.dumps(report_json(results), indent=2) + "\n"
