@@ -98,7 +98,39 @@ def _machine_family(machine: str) -> str:
 
 def domain_argv(text: str) -> DomainArgv:
     """The command line libvirt would run for domain XML `text` (DomainXmlError if it is
-    not a domain XML qmpguard can read)."""
+    not a domain XML qmpguard can read).
+
+    Rendered in libvirt's order: the vIOMMU first (it may be a machine option instead),
+    the PCI controllers by index, then the other devices in document order.
+    """
+    dom = _parse_domain(text)
+    name = (dom.findtext("name") or "").strip() or "domain"
+    machine, arch = _os_type(dom)
+    devices = dom.find("devices")
+    if devices is None:
+        devices = ET.Element("devices")
+    emulator = (devices.findtext("emulator") or "").strip() or f"qemu-system-{arch}"
+    r = _Render(_machine_family(machine))
+    machine_opts = [machine]
+    for iommu in devices.findall("iommu"):
+        _iommu(r, iommu, machine_opts)
+    for c in _pci_controllers(devices):
+        _controller(r, c)
+    _endpoints(r, devices)
+    argv = [emulator, "-name", f"guest={name},debug-threads=on", "-S"]
+    argv += ["-machine", ",".join(machine_opts), "-nodefaults"]
+    for dev in r.devices:
+        argv += ["-device", json.dumps(dev, separators=(",", ":"))]
+    start = len(argv)
+    argv += _qemu_commandline(dom)
+    argv += list(LIBVIRT_TAIL)
+    return DomainArgv(name, tuple(argv), start, tuple(r.notes))
+
+
+def _parse_domain(text: str) -> ET.Element:
+    """The <domain> element of `text`, read without network or entity expansion: a
+    DOCTYPE or ENTITY is refused before parsing (libvirt writes none), and so is XML
+    larger than MAX_XML_BYTES."""
     if len(text.encode("utf-8", "replace")) > MAX_XML_BYTES:
         raise DomainXmlError(f"domain XML larger than {MAX_XML_BYTES} bytes")
     if "<!DOCTYPE" in text or "<!ENTITY" in text:
@@ -111,45 +143,52 @@ def domain_argv(text: str) -> DomainArgv:
         raise DomainXmlError(f"not well-formed XML: {exc}") from None
     if dom.tag != "domain":
         raise DomainXmlError(f"root element is <{dom.tag}>, not <domain>")
-    name = (dom.findtext("name") or "").strip() or "domain"
+    return dom
+
+
+def _os_type(dom: ET.Element) -> tuple[str, str]:
+    """(machine, arch) of <os><type>, libvirt's defaults where absent: pc, x86_64."""
     ostype = dom.find("os/type")
-    machine = (ostype.get("machine") if ostype is not None else None) or "pc"
-    arch = (ostype.get("arch") if ostype is not None else None) or "x86_64"
-    devices = dom.find("devices")
-    if devices is None:
-        devices = ET.Element("devices")
-    emulator = (devices.findtext("emulator") or "").strip() or f"qemu-system-{arch}"
-    family = _machine_family(machine)
-    r = _Render(family)
-    machine_opts = [machine]
-    argv = [emulator, "-name", f"guest={name},debug-threads=on", "-S"]
-    for iommu in devices.findall("iommu"):
-        _iommu(r, iommu, machine_opts)
-    argv += ["-machine", ",".join(machine_opts), "-nodefaults"]
-    controllers = sorted(
-        (c for c in devices.findall("controller") if c.get("type") == "pci"),
-        key=lambda c: _int(c.get("index")),
-    )
-    for c in controllers:
-        _controller(r, c)
-    hostdev_n = 0
+    attrs = ostype.attrib if ostype is not None else {}
+    return attrs.get("machine") or "pc", attrs.get("arch") or "x86_64"
+
+
+def _pci_controllers(devices: ET.Element) -> list[ET.Element]:
+    """The PCI controllers, by index: libvirt creates pci.N in that order, so a
+    controller's bus (a lower index) exists before it."""
+    pci = (c for c in devices.findall("controller") if c.get("type") == "pci")
+    return sorted(pci, key=lambda c: _int(c.get("index")))
+
+
+def _endpoints(r: _Render, devices: ET.Element) -> None:
+    """Every device other than the vIOMMU and PCI controllers, in document order.
+
+    Hostdevs are numbered hostdev0, hostdev1, ... over all of them (libvirt's aliases),
+    though only PCI ones become vfio-pci devices.
+    """
+    hostdevs = 0
     for el in devices:
         if el.tag == "hostdev":
-            if el.get("type") == "pci" and el.get("mode", "subsystem") == "subsystem":
-                dev: dict[str, object] = {"driver": "vfio-pci", "id": f"hostdev{hostdev_n}"}
-                dev |= r.address(el, f"<hostdev> {hostdev_n}")
-                r.devices.append(dev)
-            hostdev_n += 1
+            _hostdev(r, el, hostdevs)
+            hostdevs += 1
         elif el.tag not in ("controller", "iommu", "emulator"):
             _other(r, el)
-    for dev in r.devices:
-        argv += ["-device", json.dumps(dev, separators=(",", ":"))]
-    start = len(argv)
+
+
+def _hostdev(r: _Render, el: ET.Element, n: int) -> None:
+    """<hostdev> number `n`: vfio-pci if it passes a PCI device through (subsystem mode)."""
+    if el.get("type") != "pci" or el.get("mode", "subsystem") != "subsystem":
+        return
+    dev: dict[str, object] = {"driver": "vfio-pci", "id": f"hostdev{n}"}
+    r.devices.append(dev | r.address(el, f"<hostdev> {n}"))
+
+
+def _qemu_commandline(dom: ET.Element) -> list[str]:
+    """The <qemu:commandline> arguments, verbatim: libvirt appends them after its own."""
     cmdline = dom.find(f"{{{QEMU_NS}}}commandline")
-    if cmdline is not None:
-        argv += [a.get("value", "") for a in cmdline.findall(f"{{{QEMU_NS}}}arg")]
-    argv += list(LIBVIRT_TAIL)
-    return DomainArgv(name, tuple(argv), start, tuple(r.notes))
+    if cmdline is None:
+        return []
+    return [a.get("value", "") for a in cmdline.findall(f"{{{QEMU_NS}}}arg")]
 
 
 def _iommu(r: _Render, el: ET.Element, machine_opts: list[str]) -> None:
