@@ -177,29 +177,60 @@ def _parse_cached(text: str, unsafe_ids: tuple[str, ...]) -> QtreeBus | None:
 
 
 def _parse_lines(text: str) -> _Bus | None:
-    root: _Bus | None = None
-    stack: list[tuple[int, _Bus | _Dev]] = []
+    """The tree of qtree's indented lines; None without a `bus:` line to root it."""
+    tree = _TreeBuilder()
     for line in text.splitlines():
+        tree.add(line)
+    return tree.root
+
+
+class _TreeBuilder:
+    """qtree's lines into _Bus and _Dev nodes.
+
+    A `bus:` or `dev:` line is a child of the nearest open node above it with less
+    indentation (a bus of a device, a device on a bus); `type` and `key = value` lines
+    belong to the node opened last, whatever their indentation.
+    """
+
+    def __init__(self) -> None:
+        self.root: _Bus | None = None
+        self._open: list[tuple[int, _Bus | _Dev]] = []  # (indentation, node), outermost first
+
+    def add(self, line: str) -> None:
+        """One line of qtree's output; lines of no known shape are ignored."""
         if m := _BUS.fullmatch(line):
-            depth = len(m.group(1))
-            bus = _Bus(m.group(2))
-            while stack and stack[-1][0] >= depth:
-                stack.pop()
-            if stack and isinstance(stack[-1][1], _Dev):
-                stack[-1][1].buses.append(bus)
-            elif root is None:
-                root = bus
-            stack.append((depth, bus))
-        elif (m := _DEV.fullmatch(line)) is not None:
-            depth = len(m.group(1))
-            dev = _Dev(m.group(2), m.group(3))
-            while stack and stack[-1][0] >= depth:
-                stack.pop()
-            if stack and isinstance(stack[-1][1], _Bus):
-                stack[-1][1].devices.append(dev)  # printed newest first: reversed in _freeze
-            stack.append((depth, dev))
-        elif stack and (m := _TYPE.fullmatch(line)) and isinstance(stack[-1][1], _Bus):
-            stack[-1][1].type = m.group(1)
-        elif stack and isinstance(stack[-1][1], _Dev) and (p := _PROP.fullmatch(line)):
-            stack[-1][1].props[p.group(1)] = p.group(2).strip('"')
-    return root
+            self._add_bus(len(m.group(1)), _Bus(m.group(2)))
+        elif m := _DEV.fullmatch(line):
+            self._add_device(len(m.group(1)), _Dev(m.group(2), m.group(3)))
+        elif self._open:
+            _set_attribute(self._open[-1][1], line)
+
+    def _parent(self, depth: int) -> _Bus | _Dev | None:
+        """Close the nodes indented `depth` or deeper; the node left open above them."""
+        while self._open and self._open[-1][0] >= depth:
+            self._open.pop()
+        return self._open[-1][1] if self._open else None
+
+    def _add_bus(self, depth: int, bus: _Bus) -> None:
+        """A device's bus; the first bus with no device above it is the root."""
+        parent = self._parent(depth)
+        if isinstance(parent, _Dev):
+            parent.buses.append(bus)
+        elif self.root is None:
+            self.root = bus
+        self._open.append((depth, bus))
+
+    def _add_device(self, depth: int, dev: _Dev) -> None:
+        parent = self._parent(depth)
+        if isinstance(parent, _Bus):
+            parent.devices.append(dev)  # printed newest first: reversed in _freeze
+        self._open.append((depth, dev))
+
+
+def _set_attribute(node: _Bus | _Dev, line: str) -> None:
+    """A bus's `type BUSTYPE` line, or a device's `key = value` property (quotes dropped)."""
+    if isinstance(node, _Bus):
+        if m := _TYPE.fullmatch(line):
+            node.type = m.group(1)
+    elif p := _PROP.fullmatch(line):
+        node.props[p.group(1)] = p.group(2).strip('"')
