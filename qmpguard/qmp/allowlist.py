@@ -33,6 +33,16 @@ _QUERY_NAME = re.compile(r"query-[a-z0-9-]+")
 #: the VM (seen on 7.2 and 11.1). The machine's own SMMU is recognised by where it lives.
 FORBIDDEN_QOM_GETS: frozenset[tuple[str, str]] = frozenset({("/machine", "iommu")})
 
+#: Objects `qom-list-get` must never be given: it calls the getter of *every* property of
+#: each path (qom/qom-qmp-cmds.c), so a path with a forbidden getter aborts QEMU exactly
+#: like the qom-get would (seen: `qom-list-get ["/machine"]` on 11.1 aarch64 virt with a
+#: virtio-iommu-pci ends QEMU in virt_get_iommu's g_assert_not_reached).
+FORBIDDEN_LIST_GET_PATHS: frozenset[str] = frozenset(path for path, _ in FORBIDDEN_QOM_GETS)
+
+#: QOM path arguments of these commands; QEMU resolves a relative one by searching the whole
+#: tree ("machine" is /machine) and skips empty components ("/machine/" is /machine).
+_PATH_COMMANDS = frozenset({"qom-list", "qom-get"})
+
 
 class ForbiddenCommand(Exception):
     """A command outside the allow-list was about to be sent."""
@@ -49,12 +59,37 @@ def check_command(command: str, arguments: Mapping[str, Any] | None = None) -> N
         if set(arguments or {}) - {"command-line"}:
             raise ForbiddenCommand("human-monitor-command with extra arguments")
         return
-    if command == "qom-get":
+    if command in _PATH_COMMANDS:
         args = arguments or {}
-        if (args.get("path"), args.get("property")) in FORBIDDEN_QOM_GETS:
+        path = _qom_path(args.get("path"))
+        if command == "qom-get" and (path, args.get("property")) in FORBIDDEN_QOM_GETS:
             raise ForbiddenCommand(f"qom-get known to abort QEMU: {dict(args)!r}")
+    if command == "qom-list-get":
+        _check_list_get(arguments or {})
     if command in ALLOWED_COMMANDS:
         return
     if _QUERY_NAME.fullmatch(command):
         return
     raise ForbiddenCommand(f"QMP command not allowed (qmpguard is read-only): {command!r}")
+
+
+def _qom_path(path: object) -> str:
+    """`path` as QEMU resolves it, for absolute paths; ForbiddenCommand for anything else.
+
+    Only absolute paths are allowed, so a forbidden object cannot be reached under another
+    spelling (a relative path is a search of the whole tree).
+    """
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ForbiddenCommand(f"QOM path is not absolute: {path!r}")
+    return "/" + "/".join(part for part in path.split("/") if part)
+
+
+def _check_list_get(arguments: Mapping[str, Any]) -> None:
+    """qom-list-get reads every property of each path: refuse the objects with a getter
+    known to abort QEMU, and any argument besides a non-empty list of absolute paths."""
+    paths = arguments.get("paths")
+    if set(arguments) != {"paths"} or not isinstance(paths, list) or not paths:
+        raise ForbiddenCommand(f"qom-list-get needs exactly a list of paths: {dict(arguments)!r}")
+    for path in paths:
+        if _qom_path(path) in FORBIDDEN_LIST_GET_PATHS:
+            raise ForbiddenCommand(f"qom-list-get of {path!r} would call a getter that aborts QEMU")

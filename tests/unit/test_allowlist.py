@@ -12,18 +12,19 @@ from qmpguard.qmp.guard import Timeouts
 from qmpguard.qmp.transport import QMPSession
 from qmpguard.targets import parse_target
 
-ALLOWED = [
+ALLOWED: list[tuple[str, Any]] = [
     ("qmp_capabilities", None),
     ("query-version", None),
     ("query-pci", None),
     ("qom-list", {"path": "/machine"}),
     ("qom-get", {"path": "/machine", "property": "type"}),
-    ("qom-list-get", {"paths": ["/machine"]}),
+    ("qom-list-get", {"paths": ["/machine/q35/pcie.0", "/machine/peripheral/rp1/rp1"]}),
+    ("qom-list-get", {"paths": ["/", "/machine/unattached"]}),
     ("human-monitor-command", {"command-line": "info mtree -f"}),
     ("human-monitor-command", {"command-line": "info qtree"}),
 ]
 
-FORBIDDEN = [
+FORBIDDEN: list[tuple[str, Any]] = [
     ("quit", None),
     ("qom-list-types", {"implements": "pci-device"}),  # loads every QOM module
     ("device-list-properties", {"typename": "e1000"}),
@@ -46,6 +47,20 @@ FORBIDDEN = [
     ("query-", None),
     ("Query-version", None),
     ("qom-get ", None),
+    # qom-list-get calls every getter of each path: /machine's `iommu` aborts ARM virt
+    ("qom-list-get", {"paths": ["/machine"]}),
+    ("qom-list-get", {"paths": ["/machine/q35/pcie.0", "/machine/"]}),
+    ("qom-list-get", {"paths": ["//machine"]}),
+    ("qom-list-get", {"paths": ["machine"]}),  # a relative path is a search: /machine
+    ("qom-list-get", {"paths": []}),
+    ("qom-list-get", {"paths": "/machine/peripheral"}),
+    ("qom-list-get", {"paths": [7]}),
+    ("qom-list-get", {"paths": ["/machine/peripheral"], "path": "/machine"}),
+    ("qom-list-get", None),
+    ("qom-get", {"path": "/machine/", "property": "iommu"}),
+    ("qom-get", {"path": "machine", "property": "iommu"}),
+    ("qom-get", {"property": "iommu"}),
+    ("qom-list", {"path": "peripheral"}),
 ]
 
 
