@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -394,34 +394,81 @@ def _add_readconfig(p: _Parse, arg_index: int, path: str, text: str | None) -> N
 
 
 def _add_option(p: _Parse, norm: str, i: int, val: str, files: Mapping[str, str]) -> None:
+    """Record option `norm` (value `val` at argv[i]) if it bears on DMA binding: a device,
+    its properties, the machine, the VM's name, a config file, or an implicit device."""
+    handler = _OPTIONS.get(norm)
+    if handler is not None:
+        handler(p, i, val, files)
+
+
+def _device_option(p: _Parse, i: int, val: str, files: Mapping[str, str]) -> None:
+    """-device: JSON (a JSON object, as libvirt writes it) or key=val, driver implied first."""
+    if val.startswith("{"):
+        _json_device_option(p, i, val)
+    else:
+        _keyval_device_option(p, i, val)
+
+
+def _json_device_option(p: _Parse, i: int, val: str) -> None:
     where = f"argv[{i}]"
-    if norm == "-device":
-        if val.startswith("{"):
-            parsed = _json_device(val)
-            if parsed is None:
-                p.gaps.append(f"{where}: a JSON -device qmpguard cannot parse")
-                return
-            parsed.arg, parsed.source = i, where
-            p.raw.append(parsed)
-            return
-        kv = keyval(val, "driver")
-        if "driver" not in kv:
-            p.gaps.append(f"{where}: a -device without a driver")
-            return
-        syntax = DeviceSyntax.KEYVAL
-        p.raw.append(_Raw(i, kv["driver"], kv.get("id"), syntax, where, _other_props(kv)))
-    elif norm == "-set":
-        _set_option(p, where, val)
-    elif norm in ("-machine", "-M"):
-        p.machine.update(keyval(val, "type"))
-    elif norm == "-name":
-        p.name = keyval(val, "guest").get("guest")
-    elif norm == "-readconfig":
-        _add_readconfig(p, i, val, files.get(val))
-    elif norm == "-drive" and keyval(val, "file").get("if") == "virtio":
-        p.gaps.append(f"{where}: -drive if=virtio creates an anonymous device implicitly")
-    elif norm == "-virtfs":
-        p.gaps.append(f"{where}: -virtfs creates an anonymous device implicitly")
+    parsed = _json_device(val)
+    if parsed is None:
+        p.gaps.append(f"{where}: a JSON -device qmpguard cannot parse")
+        return
+    parsed.arg, parsed.source = i, where
+    p.raw.append(parsed)
+
+
+def _keyval_device_option(p: _Parse, i: int, val: str) -> None:
+    where = f"argv[{i}]"
+    kv = keyval(val, "driver")
+    if "driver" not in kv:
+        p.gaps.append(f"{where}: a -device without a driver")
+        return
+    p.raw.append(_Raw(i, kv["driver"], kv.get("id"), DeviceSyntax.KEYVAL, where, _other_props(kv)))
+
+
+def _set_property_option(p: _Parse, i: int, val: str, files: Mapping[str, str]) -> None:
+    """-set device.ID.PROP=VALUE: a property of a device given elsewhere."""
+    _set_option(p, f"argv[{i}]", val)
+
+
+def _machine_option(p: _Parse, i: int, val: str, files: Mapping[str, str]) -> None:
+    """-machine / -M: the machine type (implied first) and its properties, later ones win."""
+    p.machine.update(keyval(val, "type"))
+
+
+def _name_option(p: _Parse, i: int, val: str, files: Mapping[str, str]) -> None:
+    """-name: the guest name (implied first)."""
+    p.name = keyval(val, "guest").get("guest")
+
+
+def _readconfig_option(p: _Parse, i: int, val: str, files: Mapping[str, str]) -> None:
+    """-readconfig FILE: its [device] sections, from the file as QEMU's process saw it."""
+    _add_readconfig(p, i, val, files.get(val))
+
+
+def _drive_option(p: _Parse, i: int, val: str, files: Mapping[str, str]) -> None:
+    """-drive: if=virtio creates an anonymous virtio-blk-pci device, which no -device names."""
+    if keyval(val, "file").get("if") == "virtio":
+        p.gaps.append(f"argv[{i}]: -drive if=virtio creates an anonymous device implicitly")
+
+
+def _virtfs_option(p: _Parse, i: int, val: str, files: Mapping[str, str]) -> None:
+    """-virtfs: creates an anonymous virtio-9p-pci device, which no -device names."""
+    p.gaps.append(f"argv[{i}]: -virtfs creates an anonymous device implicitly")
+
+
+_OPTIONS: dict[str, Callable[[_Parse, int, str, Mapping[str, str]], None]] = {
+    "-device": _device_option,
+    "-set": _set_property_option,
+    "-machine": _machine_option,
+    "-M": _machine_option,
+    "-name": _name_option,
+    "-readconfig": _readconfig_option,
+    "-drive": _drive_option,
+    "-virtfs": _virtfs_option,
+}
 
 
 _SET = re.compile(r"([^.]{1,63})\.([^.]{1,63})\.([^=]{1,63})=(.*)", re.DOTALL)
