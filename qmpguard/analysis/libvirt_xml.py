@@ -192,23 +192,10 @@ def _qemu_commandline(dom: ET.Element) -> list[str]:
 
 
 def _iommu(r: _Render, el: ET.Element, machine_opts: list[str]) -> None:
+    """<iommu model=...>: a -device with id iommu0, or for smmuv3 a machine option."""
     model = el.get("model")
-    drv = el.find("driver")
-    attrs = drv.attrib if drv is not None else {}
     if model == "intel":
-        dev: dict[str, object] = {"driver": "intel-iommu", "id": "iommu0"}
-        for attr, prop in (
-            ("intremap", "intremap"),
-            ("caching_mode", "caching-mode"),
-            ("eim", "eim"),
-            ("iotlb", "device-iotlb"),
-        ):
-            value = _onoff(attrs.get(attr))
-            if value is not None:
-                dev[prop] = "on" if prop == "intremap" and value else value
-        if attrs.get("aw_bits"):
-            dev["aw-bits"] = _int(attrs.get("aw_bits"))
-        r.devices.append(dev)
+        r.devices.append(_intel_iommu(el))
     elif model == "virtio":
         r.devices.append(
             {"driver": "virtio-iommu-pci", "id": "iommu0"} | r.address(el, "<iommu model='virtio'>")
@@ -219,6 +206,30 @@ def _iommu(r: _Render, el: ET.Element, machine_opts: list[str]) -> None:
         r.devices.append({"driver": "amd-iommu", "id": "iommu0"})
     else:
         r.notes.append(f"<iommu model='{model}'> is unknown to qmpguard")
+
+
+#: <iommu model='intel'><driver ATTR='on|off'> -> intel-iommu's property.
+_INTEL_SWITCHES = (
+    ("intremap", "intremap"),
+    ("caching_mode", "caching-mode"),
+    ("eim", "eim"),
+    ("iotlb", "device-iotlb"),
+)
+
+
+def _intel_iommu(el: ET.Element) -> dict[str, object]:
+    """intel-iommu with the <driver> attributes libvirt passes on: the switches as booleans
+    (intremap as libvirt writes it, 'on', when on), aw_bits as a number."""
+    drv = el.find("driver")
+    attrs = drv.attrib if drv is not None else {}
+    dev: dict[str, object] = {"driver": "intel-iommu", "id": "iommu0"}
+    for attr, prop in _INTEL_SWITCHES:
+        value = _onoff(attrs.get(attr))
+        if value is not None:
+            dev[prop] = "on" if prop == "intremap" and value else value
+    if attrs.get("aw_bits"):
+        dev["aw-bits"] = _int(attrs.get("aw_bits"))
+    return dev
 
 
 def _controller(r: _Render, el: ET.Element) -> None:

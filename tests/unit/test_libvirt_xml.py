@@ -187,3 +187,56 @@ def test_missing_addresses_are_noted_in_document_order() -> None:
         "<controller index='1'>",
         "<hostdev> 0",
     ]
+
+
+@pytest.mark.parametrize(
+    ("case", "iommu", "device"),
+    [
+        pytest.param(
+            "intel, no driver attributes",
+            "<iommu model='intel'/>",
+            {"driver": "intel-iommu", "id": "iommu0"},
+            id="intel-bare",
+        ),
+        pytest.param(
+            "intel switches: intremap written 'on', the others as booleans; aw_bits a number",
+            "<iommu model='intel'><driver intremap='on' caching_mode='yes' eim='off' "
+            "iotlb='on' aw_bits='48'/></iommu>",
+            {
+                "driver": "intel-iommu",
+                "id": "iommu0",
+                "intremap": "on",
+                "caching-mode": True,
+                "eim": False,
+                "device-iotlb": True,
+                "aw-bits": 48,
+            },
+            id="intel-switches",
+        ),
+        pytest.param(
+            "intel intremap off is a boolean",
+            "<iommu model='intel'><driver intremap='off' aw_bits=''/></iommu>",
+            {"driver": "intel-iommu", "id": "iommu0", "intremap": False},
+            id="intel-intremap-off",
+        ),
+        pytest.param(
+            "virtio at its PCI address",
+            "<iommu model='virtio'>" + pci(0, 1) + "</iommu>",
+            {"driver": "virtio-iommu-pci", "id": "iommu0", "bus": "pcie.0", "addr": "0x1"},
+            id="virtio",
+        ),
+        pytest.param(
+            "amd", "<iommu model='amd'/>", {"driver": "amd-iommu", "id": "iommu0"}, id="amd"
+        ),
+    ],
+)
+def test_viommu_device(case: str, iommu: str, device: dict[str, object]) -> None:
+    dom = domain_argv(xml(iommu, "<os><type machine='q35'/></os>"))
+    assert device_options(dom.argv) == [device]
+    assert dom.notes == ()
+
+
+def test_unknown_viommu_model_is_noted() -> None:
+    dom = domain_argv(xml("<iommu model='riscv'/>"))
+    assert device_options(dom.argv) == []
+    assert dom.notes == ("<iommu model='riscv'> is unknown to qmpguard",)
