@@ -259,15 +259,33 @@ def qemu_version(argv0: str, pid: int | None, given: str | None) -> QemuVersion:
         return QemuVersion(
             None, f"argv[0] {argv0!r} is not a QEMU binary name: give --qemu-version"
         )
-    binary = f"/proc/{pid}/exe" if pid is not None else shutil.which(argv0)
+    binary = _process_binary(pid) if pid is not None else shutil.which(argv0)
     if binary is None:
         return QemuVersion(None, f"{argv0} is not found here: give --qemu-version")
-    return _version_of(binary)
+    try:
+        st = os.stat(binary)
+    except OSError as exc:
+        return QemuVersion(None, f"{binary}: {exc.strerror}: give --qemu-version")
+    return _version_of(binary, st.st_mtime_ns, st.st_size)
+
+
+def _process_binary(pid: int) -> str:
+    """The running process's own binary: its path while that still names the same file
+    (so the cached answer is keyed by a file, not by a reusable PID), else /proc/PID/exe."""
+    exe = f"/proc/{pid}/exe"
+    try:
+        target = os.readlink(exe)
+        if os.path.samefile(target, exe):
+            return target
+    except OSError:
+        pass
+    return exe
 
 
 @functools.lru_cache(maxsize=16)
-def _version_of(binary: str) -> QemuVersion:
-    """`BINARY --version` (a process, never a VM): its first line's version."""
+def _version_of(binary: str, mtime_ns: int = 0, size: int = 0) -> QemuVersion:
+    """`BINARY --version` (a process, never a VM): its first line's version (cached per
+    file: path, modification time and size)."""
     try:
         done = subprocess.run(
             [binary, "--version"],
