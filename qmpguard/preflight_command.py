@@ -333,6 +333,7 @@ def decide(pf: Preflight, strict: bool) -> Decision:
         if f.code in ("QG001", "QG002"):
             details += [f"  - {e}" for e in f.evidence[:-1]]
     details += [f"cannot verify: {h}" for h in pf.hidden]
+    details += [f"note: {r}" for r in pf.refusals]  # QEMU itself refuses: it says why
     doubt = unverified or bool(pf.hidden)
     name = pf.target
     if misbound:

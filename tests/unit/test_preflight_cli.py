@@ -183,6 +183,15 @@ def test_gate_strict_refuses_what_it_cannot_verify() -> None:
     assert strict.returncode == 2 and "cannot be verified (--strict)" in strict.stderr
 
 
+def test_gate_says_when_qemu_will_refuse_the_command_line() -> None:
+    """amd-iommu on 7.2 refuses vfio-pci after it: QEMU stops that VM itself, the gate
+    says why (the right order, so nothing is misbound: not refused by the gate)."""
+    argv = [*MISBOUND[:4], "-device", "amd-iommu", MISBOUND[4], MISBOUND[5]]
+    proc = qmpguard("preflight", "--gate", "--qemu-version", "7.2", "--", *argv)
+    assert proc.returncode == 0, proc.stderr
+    assert "QEMU 7.2 will refuse to start: hostdev0 is realized after" in proc.stderr
+
+
 def test_exec_refuses_with_exit_2_and_the_fix(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     argv = ["sh", "-c", f"touch {marker}", *MISBOUND[1:]]
