@@ -131,36 +131,44 @@ def order_context(
 
 
 def order_of(ctx: OrderContext, dev: PciDevice) -> OrderEvidence:
-    """Order evidence for one device translated by a vIOMMU."""
+    """Order evidence for one device translated by a vIOMMU: what QEMU's rules fix, then
+    the command line, the bus order and (for vfio devices) the address-space order."""
     binding = ctx.bindings[dev.path]
     viommu = binding.viommu
     if viommu is None or viommu.path == dev.path:
         return OrderEvidence(Relative.UNKNOWN, ())
-    evidence: list[Evidence] = []
-    if dev.hotplugged:
-        evidence.append(
-            Evidence(
-                EvidenceSource.HOTPLUGGED,
-                Relative.AFTER,
-                "hot-plugged after machine init; a vIOMMU cannot be",
-            )
-        )
-    if viommu.machine_created:
-        evidence.append(
-            Evidence(
-                EvidenceSource.MACHINE_VIOMMU,
-                Relative.AFTER,
-                f"{viommu.type} is created with the machine, before any device",
-            )
-        )
-    if dev.vfio and viommu.refuses_vfio_after is not None:
-        evidence.append(
-            Evidence(EvidenceSource.REFUSED_ORDER, Relative.BEFORE, viommu.refuses_vfio_after)
-        )
-    evidence.append(_cmdline_evidence(ctx, dev, viommu))
+    evidence = [*fixed_order(dev, viommu), _cmdline_evidence(ctx, dev, viommu)]
     bus_order = _bus_order_evidence(ctx, dev, viommu)
     if bus_order:
         evidence.append(bus_order)
     if dev.vfio:
         evidence.append(as_order_evidence(ctx.topo, ctx.bindings, ctx.mtree, dev, viommu))
     return combine(evidence)
+
+
+def fixed_order(dev: PciDevice, viommu: VIommu) -> list[Evidence]:
+    """The order QEMU's own rules fix, whatever the command line says: a hot-plugged device
+    comes after every vIOMMU, a vIOMMU the machine creates comes before every device, and
+    a vfio device that runs behind a vIOMMU refusing later ones came before it."""
+    found = (_hotplugged(dev), _created_with_machine(viommu), _refused_after(dev, viommu))
+    return [e for e in found if e is not None]
+
+
+def _hotplugged(dev: PciDevice) -> Evidence | None:
+    if not dev.hotplugged:
+        return None
+    detail = "hot-plugged after machine init; a vIOMMU cannot be"
+    return Evidence(EvidenceSource.HOTPLUGGED, Relative.AFTER, detail)
+
+
+def _created_with_machine(viommu: VIommu) -> Evidence | None:
+    if not viommu.machine_created:
+        return None
+    detail = f"{viommu.type} is created with the machine, before any device"
+    return Evidence(EvidenceSource.MACHINE_VIOMMU, Relative.AFTER, detail)
+
+
+def _refused_after(dev: PciDevice, viommu: VIommu) -> Evidence | None:
+    if not dev.vfio or viommu.refuses_vfio_after is None:
+        return None
+    return Evidence(EvidenceSource.REFUSED_ORDER, Relative.BEFORE, viommu.refuses_vfio_after)
