@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from qmpguard.analysis.identity import pve_config_path, pve_vmid
-from qmpguard.analysis.reads import missing_reads
+from qmpguard.analysis.reads import LIST_GET, missing_reads, record_list_get
 from qmpguard.analysis.shape import ReplyShapeError
 from qmpguard.errors import CommandFailed, InspectionError
 from qmpguard.process import read_command_line_files, read_small_text
@@ -38,6 +38,8 @@ class _Recorder:
             )
             return None
         self.snap.record(command, arguments, {"return": value})
+        if command == LIST_GET:
+            record_list_get(self.snap, arguments["paths"], value)
         return value
 
 
@@ -52,8 +54,11 @@ def _version(reply: Any) -> str | None:
     return f"{qv.get('major')}.{qv.get('minor')}.{qv.get('micro')}"
 
 
-async def collect(session: Session) -> Snapshot:
-    """Read one VM into a Snapshot: ~15 bulk reads, then only what `info qtree` lacks."""
+async def collect(session: Session, batch: bool = True) -> Snapshot:
+    """Read one VM into a Snapshot: ~15 bulk reads, then only what `info qtree` lacks.
+
+    `batch=False` never sends qom-list-get (the path of QEMU before 10.1, for comparison).
+    """
     started = time.perf_counter()
     snap = Snapshot(
         target=session.target.name,
@@ -75,7 +80,7 @@ async def collect(session: Session) -> Snapshot:
     q = _Recorder(session, snap)
     try:
         for _ in range(MAX_ROUNDS):
-            reads = missing_reads(snap)
+            reads = missing_reads(snap, batch)
             if not reads:
                 break
             await asyncio.gather(*(q(cmd, **args) for cmd, args in reads))

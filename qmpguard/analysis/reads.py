@@ -8,6 +8,7 @@ disagree about which reads matter: a rule lives here once.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from qmpguard import qemu_names as T
@@ -17,9 +18,15 @@ from qmpguard.analysis.shape import ReplyShapeError, qom_get
 from qmpguard.analysis.topology import Topology, needs_hotplugged_read, with_hotplug
 from qmpguard.analysis.viommu import viommu_reads
 from qmpguard.qemu_names import HMP_MTREE, HMP_QTREE
+from qmpguard.qmp.allowlist import FORBIDDEN_LIST_GET_PATHS
 from qmpguard.snapshot import Snapshot
 
 Read = tuple[str, dict[str, Any]]
+
+#: QEMU 10.1+: qom-list and a qom-get of every property, for many paths in one command.
+LIST_GET = "qom-list-get"
+#: Read in the base round when batching: whether this QEMU has qom-list-get.
+CAPABILITY_READ: Read = ("query-commands", {})
 
 #: Read on every inspection, in one pipelined round: the qdev tree (every device and bus),
 #: the containers QOM paths are placed in, the address spaces, guest BDFs, the version.
@@ -46,17 +53,19 @@ def _absent(snap: Snapshot, reads: list[Read]) -> list[Read]:
     return [(cmd, args) for cmd, args in reads if not snap.has(cmd, **args)]
 
 
-def missing_reads(snap: Snapshot) -> list[Read]:
+def missing_reads(snap: Snapshot, batch: bool = True) -> list[Read]:
     """The next round of reads, [] when the snapshot holds everything the analysis uses.
 
-    ReplyShapeError if a reply already recorded is not what QEMU sends.
+    With `batch`, the bus listings of a round go out as one qom-list-get where QEMU has it
+    (see `batched`). ReplyShapeError if a reply already recorded is not what QEMU sends.
     """
-    base = _absent(snap, list(BASE_READS))
+    base = _absent(snap, [*BASE_READS, *([CAPABILITY_READ] if batch else [])])
     if base:
         return base
     loc = locate(snap)
     if loc.missing:
-        return _absent(snap, loc.missing)
+        reads = _absent(snap, loc.missing)
+        return batched(snap, reads) if batch else reads
     ids = command_line_ids(snap)
     hotplugged = [
         ("qom-get", {"path": dev.path, "property": "hotplugged"})
@@ -76,3 +85,66 @@ def placed_topology(snap: Snapshot) -> Topology:
     values = {p: qom_get(snap, p, "hotplugged", bool) for p in topo.devices}
     with_hotplug(topo, values, command_line_ids(snap))
     return topo
+
+
+def has_list_get(snap: Snapshot) -> bool:
+    """Whether this QEMU lists qom-list-get and no batch of this collection has failed."""
+    commands = snap.get_or(None, "query-commands")
+    if not isinstance(commands, list):
+        return False
+    failed = any(
+        key.startswith(LIST_GET + " ") and "error" in reply for key, reply in snap.replies.items()
+    )
+    return not failed and any(isinstance(c, dict) and c.get("name") == LIST_GET for c in commands)
+
+
+def batched(snap: Snapshot, reads: list[Read]) -> list[Read]:
+    """`reads` with their PCI bus listings folded into one qom-list-get, where QEMU has it.
+
+    Only buses are batched: qom-list-get calls the getter of every property of each path,
+    and a bus has only QOM core's and qdev's (type, realized, hotplug-handler, its child[N]
+    links, ACPI's acpi-pcihp-bsel), none with an effect. A device's or the machine's getters
+    are the device model's own and are never called wholesale (/machine's `iommu` aborts
+    ARM virt with a virtio-iommu-pci). The qom-list reads of a round after the base one
+    are all bus listings (locate's `_links`); the links' targets come in the same reply,
+    which saves the qom-get round that follows a listing.
+    """
+    listings = [
+        (c, a) for c, a in reads if c == "qom-list" and a["path"] not in FORBIDDEN_LIST_GET_PATHS
+    ]
+    if not listings or not has_list_get(snap):
+        return reads
+    paths = [a["path"] for _, a in listings]
+    return [(LIST_GET, {"paths": paths}), *(r for r in reads if r not in listings)]
+
+
+_CHILD_LINK = re.compile(r"child\[\d+\]")
+
+
+def record_list_get(snap: Snapshot, paths: list[str], reply: Any) -> None:
+    """Record a bus batch as the qom-list and child[N] qom-get replies locate reads.
+
+    A property whose getter failed has no value and is left for a qom-get of its own.
+    ReplyShapeError if the reply is not one property list per path, in path order.
+    """
+    if not isinstance(reply, list) or len(reply) != len(paths):
+        raise ReplyShapeError(f"{LIST_GET}: {len(paths)} paths but reply is {reply!r:.80}")
+    for path, item in zip(paths, reply, strict=True):
+        props = item.get("properties") if isinstance(item, dict) else None
+        if not isinstance(props, list) or not all(
+            isinstance(p, dict)
+            and isinstance(p.get("name"), str)
+            and isinstance(p.get("type"), str)
+            for p in props
+        ):
+            raise ReplyShapeError(f"{LIST_GET} {path}: entry without name/type: {item!r:.80}")
+        snap.record(
+            "qom-list",
+            {"path": path},
+            {"return": [{"name": p["name"], "type": p["type"]} for p in props]},
+        )
+        for p in props:
+            if _CHILD_LINK.fullmatch(p["name"]) and "value" in p:
+                snap.record(
+                    "qom-get", {"path": path, "property": p["name"]}, {"return": p["value"]}
+                )
