@@ -10,11 +10,14 @@ through qmpguard while claiming to).
 from __future__ import annotations
 
 import contextlib
+import enum
+import importlib
 import json
 import os
 import re
 import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -185,20 +188,178 @@ def compatibility_table() -> str:
     return "\n".join(lines)
 
 
-def pytest_sessionfinish(session: Any) -> None:
-    """Write the compatibility table measured by this run (and into README on request)."""
+#: Tests deselected in this process (-k, -m, plugins): any of them makes the run partial.
+DESELECTED = {"count": 0}
+#: What the terminal summary says about the README's table (set at session finish).
+README_STATUS: list[str] = []
+
+
+@dataclass(frozen=True)
+class RunScope:
+    """What a session ran, as far as the README's table cares: only a run of the whole
+    suite on the whole QEMU matrix, passed, measured the table the README shows."""
+
+    #: the paths/node ids pytest was given, relative to the root ("tests", "tests/unit")
+    selected: frozenset[str]
+    testpaths: frozenset[str]
+    keyword: str = ""
+    markexpr: str = ""
+    deselected: int = 0
+    #: --lf, --sw and the like: they leave out tests without counting them as deselected
+    reruns_only_some: bool = False
+    #: QEMU builds of the matrix that are not there (QMPGUARD_TEST_QEMU*, no .cache)
+    missing_qemu: frozenset[str] = frozenset()
+    passed: bool = True
+
+
+def partial_run_reason(scope: RunScope) -> str | None:
+    """Why this run's table is not the README's to write (None: a full run, it is)."""
+    if scope.selected != scope.testpaths:
+        return f"tests selected ({', '.join(sorted(scope.selected))})"
+    if scope.keyword or scope.markexpr:
+        return "tests selected with -k/-m"
+    if scope.deselected:
+        return f"{scope.deselected} tests deselected"
+    if scope.reruns_only_some:
+        return "--lf/--sw ran only some tests"
+    if scope.missing_qemu:
+        return f"QEMU matrix incomplete (no {', '.join(sorted(scope.missing_qemu))})"
+    if not scope.passed:
+        return "the session did not pass"
+    return None
+
+
+#: The labels qemu_matrix finds when install-dev.sh has run and nothing overrides them.
+FULL_MATRIX = {"x86_64": {"system", *CACHED_QEMU}, "aarch64": {"system", "11.1"}}
+
+
+def run_scope(session: pytest.Session, exitstatus: int) -> RunScope:
+    config = session.config
+    root = config.rootpath
+
+    def relative(arg: str, base: Path) -> str:
+        path, sep, node = arg.partition("::")
+        return os.path.relpath(Path(base, path).resolve(), root) + sep + node
+
+    matrices = {"x86_64": QEMU_MATRIX, "aarch64": QEMU_ARM_MATRIX}
+    missing = {f"{label} ({arch})" for arch, want in FULL_MATRIX.items() for label in want}
+    missing -= {f"{label} ({arch})" for arch, have in matrices.items() for label in have}
+    return RunScope(
+        selected=frozenset(relative(a, config.invocation_params.dir) for a in config.args),
+        testpaths=frozenset(relative(t, root) for t in config.getini("testpaths")),
+        keyword=config.getoption("keyword", ""),
+        markexpr=config.getoption("markexpr", ""),
+        deselected=DESELECTED["count"],
+        reruns_only_some=bool(config.getoption("lf", False) or config.getoption("stepwise", False)),
+        missing_qemu=frozenset(missing),
+        passed=exitstatus == 0,
+    )
+
+
+class ReadmeTable(enum.Enum):
+    """What a full run did to README.md's compatibility table (the summary's wording)."""
+
+    UNCHANGED = "unchanged"
+    REWRITTEN = "rewritten from this run: commit it"
+    NO_MARKERS = f"not written: README.md has no {COMPAT_START} ... {COMPAT_END} section"
+
+
+def rewrite_readme_table(readme: Path, table: str) -> ReadmeTable:
+    """Put `table` between the compat markers of `readme` (written only if it differs)."""
+    text = readme.read_text()
+    head, sep, rest = text.partition(COMPAT_START)
+    _, sep2, tail = rest.partition(COMPAT_END)
+    if not (sep and sep2):
+        return ReadmeTable.NO_MARKERS
+    new = f"{head}{COMPAT_START}\n{table}\n{COMPAT_END}{tail}"
+    if new == text:
+        return ReadmeTable.UNCHANGED
+    readme.write_text(new)
+    return ReadmeTable.REWRITTEN
+
+
+#: Test modules that share something host-wide, by group: under pytest-xdist one worker
+#: runs a group's tests one after another. libvirtd: `check --libvirt-all` and the daemon's
+#: /proc discovery see every domain on qemu:///system, so a domain another worker defines
+#: or destroys meanwhile would enter (or vanish from) their results.
+XDIST_GROUPS = {
+    "libvirtd": frozenset(
+        {"test_libvirt.py", "test_discovery_libvirt.py", "test_preflight_libvirt.py"}
+    ),
+}
+
+
+def xdist_scope(nodeid: str) -> str:
+    """The unit of work a test is scheduled in: its group's name, or the test alone."""
+    module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+    return next((g for g, modules in XDIST_GROUPS.items() if module in modules), nodeid)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Tests one by one to whichever worker is free, XDIST_GROUPS' modules as one unit each.
+
+    xdist's own `--dist loadgroup` does this with xdist_group marks, but appends "@group"
+    to the ids of the marked tests; this keeps every test id what a serial run reports.
+    An explicit other `--dist` (loadscope, loadfile, ...) is left to xdist."""
+    if config.getoption("dist") not in ("load", "loadgroup"):
+        return None
+    scheduling: Any = importlib.import_module("xdist.scheduler").LoadScopeScheduling(config, log)
+    scheduling._split_scope = xdist_scope
+    return scheduling
+
+
+def pytest_deselected(items: list[pytest.Item]) -> None:
+    DESELECTED["count"] += len(items)
+
+
+def _is_xdist_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def _measured() -> dict[str, Any]:
+    """This process's audit counts, compatibility rows and deselections, as plain data."""
+    return {
+        "audit": dict(AUDIT),
+        "compat": {v: {row: sorted(o) for row, o in rows.items()} for v, rows in COMPAT.items()},
+        "deselected": DESELECTED["count"],
+    }
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """pytest-xdist controller: add a finished worker's audit and table rows to ours, so
+    the summary line and the table cover every worker (each collects everything, so each
+    deselects the same tests: the largest count is the run's)."""
+    measured = getattr(node, "workeroutput", {}).get("qmpguard")
+    if measured is None:
+        return
+    for key, count in measured["audit"].items():
+        AUDIT[key] += count
+    for version, rows in measured["compat"].items():
+        for row, outcomes in rows.items():
+            COMPAT.setdefault(version, {}).setdefault(row, set()).update(outcomes)
+    DESELECTED["count"] = max(DESELECTED["count"], measured["deselected"])
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Write the compatibility table measured by this run, and into README.md when the run
+    was full (the whole suite, the whole matrix, passed). An xdist worker only hands its
+    measurements to the controller, which writes."""
+    if _is_xdist_worker(session.config):
+        session.config.workeroutput["qmpguard"] = _measured()  # type: ignore[attr-defined]
+        return
     if not COMPAT:
         return
     table = compatibility_table()
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "compatibility.md").write_text(table + "\n")
-    readme = REPO / "README.md"
-    if os.environ.get("QMPGUARD_UPDATE_README") == "1" and readme.exists():
-        text = readme.read_text()
-        head, sep, rest = text.partition(COMPAT_START)
-        _, sep2, tail = rest.partition(COMPAT_END)
-        if sep and sep2:
-            readme.write_text(f"{head}{COMPAT_START}\n{table}\n{COMPAT_END}{tail}")
+    reason = partial_run_reason(run_scope(session, exitstatus))
+    if reason is not None:
+        README_STATUS[:] = [f"README compatibility table: not touched (partial run: {reason})"]
+    else:
+        outcome = rewrite_readme_table(REPO / "README.md", table)
+        README_STATUS[:] = [f"README compatibility table: {outcome.value}"]
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
@@ -207,3 +368,5 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
             f"read-only audit: {AUDIT['commands']} QMP commands from qmpguard to "
             f"{AUDIT['vms']} QEMU processes, all within the allow-list (QEMU trace)"
         )
+    for line in README_STATUS:
+        terminalreporter.write_line(line)
