@@ -39,14 +39,13 @@ class TypeFacts:
 
 
 def type_facts(root: QtreeBus) -> TypeFacts:
-    """Type facts from the parsed `info qtree` tree."""
-    buses: list[QtreeBus] = []
-    todo = [root]
-    while todo:
-        bus = todo.pop()
-        buses.append(bus)
-        for dev in bus.devices:
-            todo.extend(dev.buses)
+    """Type facts from the parsed `info qtree` tree.
+
+    A bus type is PCI if QEMU knows it as such or a device on it has a PCI address; a
+    device with a PCI bus of its own is a bridge if it sits on a PCI bus, a host bridge
+    otherwise; a device with a virtio-pci bus is a virtio-pci proxy.
+    """
+    buses = _all_buses(root)
     pci_bus = set(KNOWN_PCI_BUSES)
     pci_bus |= {b.type for b in buses if any(d.devfn is not None for d in b.devices)}
     express = {t for t in pci_bus if "pcie" in t.lower() or "cxl" in t.lower()}
@@ -67,6 +66,18 @@ def type_facts(root: QtreeBus) -> TypeFacts:
         frozenset(bridge),
         frozenset(virtio),
     )
+
+
+def _all_buses(root: QtreeBus) -> list[QtreeBus]:
+    """Every bus of the tree, `root` first."""
+    buses: list[QtreeBus] = []
+    todo = [root]
+    while todo:
+        bus = todo.pop()
+        buses.append(bus)
+        for dev in bus.devices:
+            todo.extend(dev.buses)
+    return buses
 
 
 # ------------------------------------------------------------------ device tree

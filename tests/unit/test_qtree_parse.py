@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from qmpguard.analysis.qtree import QtreeBus, parse_device_tree
+from qmpguard.analysis.qtree import KNOWN_PCI_BUSES, QtreeBus, parse_device_tree, type_facts
 
 Shape = tuple[str, str, list[tuple[str, str, dict[str, str], list[object]]]]
 
@@ -112,3 +112,51 @@ def test_parse(case: str, text: str, expected: Shape) -> None:
 )
 def test_not_qtree(text: object) -> None:
     assert parse_device_tree(text) is None
+
+
+Q35 = (
+    HEAD
+    + '  dev: q35-pcihost, id ""\n'
+    + "    bus: pcie.0\n      type PCIE\n"
+    + '      dev: pcie-root-port, id "rp1"\n        addr = 01.0\n'
+    + "        bus: rp1\n          type PCIE\n"
+    + '          dev: virtio-net-pci, id "vn"\n            addr = 00.0\n'
+    + "            bus: virtio-bus\n              type virtio-pci-bus\n"
+    + '      dev: my-odd-bridge, id "odd"\n        addr = 02.0\n'
+    + "        bus: odd.0\n          type odd-pci-bus\n"
+    + '          dev: e1000, id "n"\n            addr = 01.0\n'
+    + '  dev: isa-thing, id ""\n    bus: isa.0\n      type ISA\n'
+)
+
+
+@pytest.mark.parametrize(
+    ("case", "field", "expected"),
+    [
+        pytest.param(
+            "a bus type with a PCI-addressed device on it is PCI",
+            "pci_bus",
+            {*KNOWN_PCI_BUSES, "odd-pci-bus"},
+            id="pci-bus",
+        ),
+        pytest.param(
+            "express by name: pcie or cxl",
+            "express_bus",
+            {"PCIE", "pxb-pcie-bus", "pxb-cxl-bus", "CXL"},
+            id="express",
+        ),
+        pytest.param(
+            "a PCI bus owner off PCI is a host", "host_bridge", {"q35-pcihost"}, id="host"
+        ),
+        pytest.param(
+            "a PCI bus owner on PCI is a bridge",
+            "bridge",
+            {"pcie-root-port", "my-odd-bridge"},
+            id="bridge",
+        ),
+        pytest.param("a virtio-pci-bus owner", "virtio_pci", {"virtio-net-pci"}, id="virtio"),
+    ],
+)
+def test_type_facts(case: str, field: str, expected: set[str]) -> None:
+    tree = parse_device_tree(Q35)
+    assert tree is not None
+    assert set(getattr(type_facts(tree), field)) == expected
