@@ -19,6 +19,13 @@ every device option is then realized in QEMU's order (cmdline.py: key=val and
   AMDVI-PCI function there), virtio-iommu-pci the bus it sits on, a `-device arm-smmuv3`
   its `primary-bus`, `-M virt,iommu=smmuv3` the main root bus from board init.
 
+- `-set device.ID.KEY=VALUE` changes the key=val or -readconfig device defined before it
+  (cmdline.py); a JSON `addr` integer is the devfn, a string SLOT[.FN] (option_devfn).
+- The model rules check applies to sysbus vIOMMUs (viommu_models: refused order,
+  pass-through, intel-iommu's caching-mode) get the option's properties with the
+  defaults of the QEMU version that will run it (QemuVersion, found by
+  preflight_command); without a version, what only the version decides is unverified.
+
 All of this was checked against `info qtree` of QEMU 7.2, 10.0 and 11.1. What cannot be
 known without QEMU is never guessed: a vfio device whose bus depends on something
 qmpguard cannot see (an unknown machine, an unreadable -readconfig that may hold a
