@@ -27,6 +27,7 @@ import pytest
 from tests.conftest import VmFactory, requires_qemu
 from tests.hostile_peer import HostileFakeQMPPeer
 from tests.integration.support import (
+    FAST_RESCAN,
     Daemon,
     demo_vm,
     free_port,
@@ -78,7 +79,9 @@ def test_a_held_monitor_keeps_the_last_known_truth(
     vm = demo_vm(qemu_vm, tmp_path, fakevfio, "bad-vm", viommu_first=False)
     name = f"unix:{vm.qmp_path}"
     config = tmp_path / "daemon.toml"
-    config.write_text(f'watch = ["{tmp_path}/*.qmp"]\ninterval = 1\n[timeouts]\ngreeting = 0.3\n')
+    config.write_text(
+        f'watch = ["{tmp_path}/*.qmp"]\ninterval = 1\n{FAST_RESCAN}[timeouts]\ngreeting = 0.3\n'
+    )
     d: Daemon = daemon("--config", str(config))
     qg001 = f'{{code="QG001",severity="critical",vm="{name}"}}'
     misbound = f'{{verdict="misbound",vm="{name}"}}'
