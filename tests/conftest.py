@@ -209,6 +209,9 @@ class RunScope:
     reruns_only_some: bool = False
     #: QEMU builds of the matrix that are not there (QMPGUARD_TEST_QEMU*, no .cache)
     missing_qemu: frozenset[str] = frozenset()
+    #: tests skipped because the machine lacks something (libvirtd, a tool, root): their
+    #: rows would be missing (CI fails such a test instead: install-dev.sh provides all)
+    prerequisite_skips: int = 0
     passed: bool = True
 
 
@@ -224,6 +227,8 @@ def partial_run_reason(scope: RunScope) -> str | None:
         return "--lf/--sw ran only some tests"
     if scope.missing_qemu:
         return f"QEMU matrix incomplete (no {', '.join(sorted(scope.missing_qemu))})"
+    if scope.prerequisite_skips:
+        return f"{scope.prerequisite_skips} tests skipped for want of a tool or service"
     if not scope.passed:
         return "the session did not pass"
     return None
@@ -252,6 +257,7 @@ def run_scope(session: pytest.Session, exitstatus: int) -> RunScope:
         deselected=DESELECTED["count"],
         reruns_only_some=bool(config.getoption("lf", False) or config.getoption("stepwise", False)),
         missing_qemu=frozenset(missing),
+        prerequisite_skips=PREREQUISITE_SKIPS["count"],
         passed=exitstatus == 0,
     )
 
@@ -307,6 +313,21 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     scheduling: Any = importlib.import_module("xdist.scheduler").LoadScopeScheduling(config, log)
     scheduling._split_scope = xdist_scope
     return scheduling
+
+
+#: How the suite's skip reasons say the machine lacks something (not that a QEMU version
+#: lacks a feature, which every full run skips the same way).
+MISSING_PREREQUISITE = ("not installed", "no libvirtd", "needs root", "no system QEMU")
+PREREQUISITE_SKIPS = {"count": 0}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Count skips for a missing prerequisite (on xdist's controller too: it gets every
+    worker's reports)."""
+    if report.skipped and isinstance(report.longrepr, tuple):
+        reason = str(report.longrepr[2])
+        if any(phrase in reason for phrase in MISSING_PREREQUISITE):
+            PREREQUISITE_SKIPS["count"] += 1
 
 
 def pytest_deselected(items: list[pytest.Item]) -> None:

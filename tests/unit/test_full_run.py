@@ -36,6 +36,7 @@ def test_the_whole_suite_on_the_whole_matrix_passed_is_a_full_run() -> None:
         ({"deselected": 1}, "1 tests deselected"),
         ({"reruns_only_some": True}, "--lf/--sw"),
         ({"missing_qemu": frozenset({"10.0 (x86_64)"})}, "no 10.0 (x86_64)"),
+        ({"prerequisite_skips": 3}, "3 tests skipped for want of a tool or service"),
         ({"passed": False}, "did not pass"),
     ],
 )
