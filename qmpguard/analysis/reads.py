@@ -8,6 +8,7 @@ disagree about which reads matter: a rule lives here once.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -50,7 +51,16 @@ def command_line_ids(snap: Snapshot) -> set[str]:
 
 
 def _absent(snap: Snapshot, reads: list[Read]) -> list[Read]:
-    return [(cmd, args) for cmd, args in reads if not snap.has(cmd, **args)]
+    """The reads not yet recorded, each once: the placement asks for an unread bus listing
+    once per device it cannot place yet, and a round must not send it that many times."""
+    seen: set[str] = set()
+    absent = []
+    for cmd, args in reads:
+        key = json.dumps([cmd, args], sort_keys=True)
+        if key not in seen and not snap.has(cmd, **args):
+            seen.add(key)
+            absent.append((cmd, args))
+    return absent
 
 
 def missing_reads(snap: Snapshot, batch: bool = True) -> list[Read]:
