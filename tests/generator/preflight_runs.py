@@ -32,6 +32,7 @@ from qmpguard.analysis.preflight import HIDDEN_VFIO, Preflight, preflight, read_
 from qmpguard.analysis.vm import DeviceAnalysis, VmAnalysis
 from qmpguard.demo.fakevfio import VfioDeviceSpec, create_sysfs_device
 from qmpguard.fix import Fix, fixes
+from qmpguard.preflight_command import qemu_version
 from tests.agreement import Match, compare, side_of, side_of_json, unverified_reason
 from tests.conftest import AUDIT, audit_qmp_trace
 from tests.generator import runner
@@ -45,7 +46,7 @@ _GROUP = re.compile(r"0000:([0-9a-f]+):00\.0$")
 def preflight_of(argv: list[str], cwd: Path | None = None) -> Preflight:
     """What `qmpguard preflight --cwd CWD -- ARGV` computes (files read from disk)."""
     files, unreadable = read_config_files(argv, str(cwd) if cwd else None)
-    return preflight(argv, files, unreadable)
+    return preflight(argv, files, unreadable, version=qemu_version(argv[0], None, None))
 
 
 def rendered_preflight(scn: Scenario, argv: list[str], workdir: Path, built: Built) -> Preflight:
@@ -58,7 +59,7 @@ def rendered_preflight(scn: Scenario, argv: list[str], workdir: Path, built: Bui
         text = render(scn, ctx).files.get(path)
         if text is not None:
             files[str(path)] = files[scn.cfg_file(n)] = text
-    return preflight(argv, files)
+    return preflight(argv, files, version=qemu_version(argv[0], None, None))
 
 
 def vfio_by_group(pf: Preflight, vm: VmAnalysis) -> dict[int, DeviceAnalysis]:
@@ -196,7 +197,7 @@ def fixed_argv(argv: list[str], cwd: Path) -> tuple[list[str], list[Fix]]:
         applied.append(fix)
         if fix.argv is None:
             return list(pf.argv), applied
-        pf = preflight(list(fix.argv), pf.files, target=pf.target)
+        pf = preflight(list(fix.argv), pf.files, target=pf.target, version=pf.version)
     return list(pf.argv), applied
 
 
