@@ -107,7 +107,8 @@ MODELS: dict[str, ViommuModel] = {
         True,
         "",
         "reordering alone makes this QEMU refuse to start (it refuses vfio-pci after "
-        "amd-iommu on 7.2, and on 10.0 with pt=off): use QEMU 10.1 or later with "
+        "amd-iommu on 7.2, and on 10.0 with pt=off): use QEMU 10.2 or later (10.1 "
+        "translates but still shares spaces across buses, QG006) with "
         "-device amd-iommu,dma-remap=on before the vfio device, or virtio-iommu-pci",
     ),
     "smmuv3": ViommuModel(
