@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.generator.model import Device, HotOp, Scenario
+from tests.generator.model import AmdMode, Device, HotOp, Scenario
 from tests.generator.oracle import Truth
 from tests.generator.strategies import PVE_CFG, PVE_EXTRAS, pve_q35_layout
 
@@ -24,6 +24,8 @@ class Case:
     checks: tuple[Check, ...] = ()
     #: QEMU labels of the test matrix on which qmpguard (committed main) gets it wrong
     failing_on: tuple[str, ...] = ()
+    #: amd-iommu cases: the builds (runner.amd_mode) whose behaviour `truth` describes
+    amd: tuple[AmdMode, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,13 @@ class KnownOpen:
     classes: frozenset[str]  # disagreement classes it explains
 
 
-KNOWN_OPEN: list[KnownOpen] = []
+KNOWN_OPEN: list[KnownOpen] = [
+    KnownOpen(
+        "amd-iommu pass-through on 10.0: vfio at 00:14.0 (the IOAPIC's devid) maps nothing",
+        lambda scn: scn.viommu_model == "amd" and not scn.amd_remap,
+        frozenset({"finding-wrong"}),
+    ),
+]
 
 
 def known_open(scn: Scenario, classes: set[str]) -> KnownOpen | None:
@@ -94,6 +102,41 @@ def qg004_names_no_bridge(bridge_ids: tuple[str, ...]) -> Check:
         return out
 
     return check
+
+
+def has_finding(code: str, dev_id: str) -> Check:
+    """`code` must be raised on /machine/peripheral/<dev_id>."""
+
+    def check(doc: dict[str, Any]) -> list[str]:
+        path = f"/machine/peripheral/{dev_id}"
+        if any(f["code"] == code and f["device"] == path for f in doc["findings"]):
+            return []
+        return [f"no {code} on {path}: {[(f['code'], f['device']) for f in doc['findings']]}"]
+
+    return check
+
+
+def verdict_is(dev_id: str, verdict: str) -> Check:
+    """qmpguard's verdict on /machine/peripheral/<dev_id> (as a check, not in `verdicts`:
+    misbound there makes test_preflight_generated prove the fix by 0 bytes mapped, which
+    no order reaches under amd-iommu pass-through)."""
+
+    def check(doc: dict[str, Any]) -> list[str]:
+        path = f"/machine/peripheral/{dev_id}"
+        dev = next((d for d in doc["devices"] if d["path"] == path), None)
+        said = dev["verdict"] if dev else None
+        return [] if said == verdict else [f"{path}: verdict {said}, expected {verdict}"]
+
+    return check
+
+
+AMD_REMAP = Device("amd-iommu", "viommu", (("dma-remap", True),))
+AMD_PLAIN = Device("amd-iommu", "viommu")
+
+
+def amd_vm(*devices: Device, monitor: str = "qmp-unix") -> Scenario:
+    """q35 with an amd-iommu among `devices` (the runner boots the AMD-Vi guest)."""
+    return Scenario("q35", devices, monitor=monitor)  # type: ignore[arg-type]
 
 
 def proxmox(viommu_position: str, launcher: str = "kvm-link", cfg_style: str = "plain") -> Scenario:
@@ -304,5 +347,65 @@ CASES: list[Case] = [
             hotplug=(HotOp("del", 1),),
         ),
         truth={2: "translated"},
+    ),
+    Case(
+        "amd-iommu dma-remap: vfio realized before it keeps all RAM, after it translated",
+        amd_vm(
+            vfio(1, "hostdev1", "pcie.0", "9.0"),
+            AMD_REMAP,
+            port("rp1", 1, "a.0"),
+            vfio(2, "hostdev2", "rp1"),
+        ),
+        truth={1: "all-ram", 2: "translated"},
+        verdicts={1: "misbound", 2: "ok"},
+        amd=(AmdMode.REMAP,),
+    ),
+    Case(
+        "amd-iommu dma-remap over QMP only (TCP): never ok for the misordered device",
+        amd_vm(
+            port("rp1", 1, "a.0"),
+            vfio(1, "hostdev1", "rp1"),
+            AMD_REMAP,
+            vfio(2, "hostdev2", "pcie.0", "9.0"),
+            monitor="qmp-tcp",
+        ),
+        truth={1: "all-ram", 2: "translated"},
+        amd=(AmdMode.REMAP,),
+    ),
+    Case(
+        "amd-iommu in pass-through: all RAM in either order, ok only with QG003",
+        amd_vm(
+            vfio(1, "hostdev1", "pcie.0", "9.0"),
+            AMD_PLAIN,
+            port("rp1", 1, "a.0"),
+            vfio(2, "hostdev2", "rp1"),
+        ),
+        truth={1: "all-ram", 2: "all-ram"},
+        verdicts={2: "ok"},
+        checks=(verdict_is("hostdev1", "misbound"), has_finding("QG003", "hostdev2")),
+        amd=(AmdMode.PASSTHROUGH, AmdMode.REMAP),
+    ),
+    Case(
+        "amd-iommu pass-through on 10.0: vfio at 00:14.0 (the IOAPIC's devid) maps nothing",
+        # amd-iommu creates the space of 00:14.0 (AMDVI_IOAPIC_SB_DEVID) in its own
+        # realize; on 10.0 (pt=on) a vfio device there, realized after the amd-iommu,
+        # has 0 bytes mapped once the AMD-Vi guest ran, while the one at 09.0 keeps all
+        # RAM (pass-through). qmpguard says QG003 ("all guest RAM stays mapped") for both.
+        # 11.1 without dma-remap keeps both in pass-through (all RAM: no wrong finding)
+        amd_vm(
+            AMD_PLAIN, vfio(1, "hostdev1", "pcie.0", "14.0"), vfio(2, "hostdev2", "pcie.0", "9.0")
+        ),
+        truth={1: "translated", 2: "all-ram"},
+        verdicts={1: "ok", 2: "ok"},
+        checks=(has_finding("QG003", "hostdev2"),),
+        failing_on=("10.0",),
+        amd=(AmdMode.PASSTHROUGH,),
+    ),
+    Case(
+        "amd-iommu where QEMU refuses vfio behind it (7.2): the order that runs is misbound",
+        amd_vm(port("rp1", 1, "a.0"), vfio(1, "hostdev1", "rp1"), AMD_PLAIN),
+        truth={1: "all-ram"},
+        checks=(verdict_is("hostdev1", "misbound"), has_finding("QG001", "hostdev1")),
+        amd=(AmdMode.REFUSES,),
     ),
 ]

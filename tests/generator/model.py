@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, replace
+from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,7 +31,22 @@ Shape = Literal["hand", "proxmox", "libvirt"]
 
 RAM_MIB = 64
 RAM = RAM_MIB << 20
-VIOMMU_DRIVERS = ("intel-iommu", "virtio-iommu-pci")
+VIOMMU_DRIVERS = ("intel-iommu", "virtio-iommu-pci", "amd-iommu")
+ViommuModel = Literal["intel", "virtio", "amd", "none"]
+#: QEMU's refusal of a vfio device realized after an amd-iommu that cannot notify it
+#: (7.2 always, 10.0 with pt=off): hw/vfio's "requires iommu notifier ..." error
+NOTIFIER_REFUSAL = "requires iommu notifier which is not currently supported"
+
+
+class AmdMode(Enum):
+    """What one QEMU build does with a vfio device realized after its amd-iommu
+    (measured in tests/integration/test_vfio_ground_truth_amd_arm.py)."""
+
+    REFUSES = "refuses"  # 7.2: QEMU exits (NOTIFIER_REFUSAL); only the wrong order runs
+    PASSTHROUGH = "passthrough"  # 10.0 (pt=on): runs, every device keeps all guest RAM
+    REMAP = "remap"  # 10.1+: dma-remap=on translates once the AMD-Vi guest programs it
+
+
 VFIO_DRIVERS = ("vfio-pci", "vfio-pci-nohotplug")  # the latter: a subtype, not hot-pluggable
 BRIDGE_DRIVERS = (
     "pcie-root-port",
@@ -123,16 +139,28 @@ class Scenario:
         return next((d for d in self.devices if d.viommu), None)
 
     @property
-    def viommu_model(self) -> Literal["intel", "virtio", "none"]:
+    def viommu_model(self) -> ViommuModel:
         v = self.viommu
         if v is None:
             return "none"
-        return "intel" if v.driver == "intel-iommu" else "virtio"
+        return {"intel-iommu": "intel", "amd-iommu": "amd"}.get(v.driver, "virtio")  # type: ignore[return-value]
 
     @property
     def guest(self) -> bool:
-        """Run the VT-d guest (intel) instead of staying paused under -S."""
-        return self.viommu_model == "intel"
+        """Run a guest that turns translation on (the VT-d guest for intel, the AMD-Vi
+        guest for amd) instead of staying paused under -S."""
+        return self.viommu_model in ("intel", "amd")
+
+    @property
+    def amd_remap(self) -> bool:
+        """amd-iommu with dma-remap=on: vfio devices follow the guest's translation."""
+        v = self.viommu
+        return v is not None and v.driver == "amd-iommu" and v.prop("dma-remap") is True
+
+    def amd_passthrough(self, mode: AmdMode | None) -> bool:
+        """Every device behind this VM's amd-iommu stays in pass-through on this build:
+        the DMA log maps all guest RAM whatever the order (QG003's case)."""
+        return self.viommu_model == "amd" and not self.amd_remap and mode is not AmdMode.REFUSES
 
     @property
     def unplugs(self) -> bool:
@@ -309,6 +337,7 @@ class RenderContext:
     qemu: QemuBinary
     guest_kernel: Path
     tcp_port: int = 0
+    amd_guest_kernel: Path | None = None  # the AMD-Vi guest (amd-iommu scenarios)
 
     @property
     def sysfs_root(self) -> Path:
@@ -443,6 +472,14 @@ def machine_option(s: Scenario) -> str:
     return ",".join(opts)
 
 
+def _amd_guest_beside(vtd_guest: Path) -> Path:
+    """The AMD-Vi guest from the VT-d guest's build cache (built there if missing), for
+    contexts made without it (tests/generator/preflight_runs.py)."""
+    from qmpguard.demo.fakevfio import build_amd_guest
+
+    return build_amd_guest(vtd_guest.parent)
+
+
 def render(s: Scenario, ctx: RenderContext) -> Rendered:
     """The complete argv (binary first) for `s` in `ctx`, with the files it needs."""
     env: dict[str, str] = {}
@@ -497,7 +534,10 @@ def render(s: Scenario, ctx: RenderContext) -> Rendered:
     ]
     argv += [a.replace("{work}", str(ctx.workdir)) for a in s.extra]
     if s.guest:
-        argv += ["-kernel", str(ctx.guest_kernel), "-debugcon", f"file:{ctx.console}"]
+        kernel = ctx.guest_kernel
+        if s.viommu_model == "amd":
+            kernel = ctx.amd_guest_kernel or _amd_guest_beside(ctx.guest_kernel)
+        argv += ["-kernel", str(kernel), "-debugcon", f"file:{ctx.console}"]
     else:
         argv += ["-S"]
     if s.unplugs:

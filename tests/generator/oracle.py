@@ -13,6 +13,15 @@ Also checked: `misbound` (QG001, "reorder the options") for a device that maps a
 even with the vIOMMU first is a false alarm (misbound-untranslatable); and every evidence
 source's own conclusion must match the DMA log (evidence-wrong), even when other sources
 outvote it into a conflict: on a VM where they cannot speak, it would decide alone.
+
+amd-iommu (runner.amd_mode tells what the build does): with dma-remap=on (10.1+) the
+AMD-Vi guest switches every device to translation, so the rules above apply as they are.
+Where QEMU refuses vfio behind it (7.2), a vIOMMU-first reference that QEMU refuses with
+its notifier error counts as translated: QEMU would have put the device behind the
+vIOMMU, and only the wrong order runs. In pass-through (10.0's pt=on, 10.1+ without
+dma-remap) every device keeps all guest RAM in either order: the DMA log cannot tell the
+order, so no reference runs; `ok` must then come with QG003 for the device (the guest
+cannot isolate it) or it is wrong-ok.
 """
 
 from __future__ import annotations
@@ -23,8 +32,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-from tests.generator.model import RAM, QemuBinary, Scenario
-from tests.generator.runner import Built, RunResult, VfioPresent, run_scenario
+from tests.generator.model import NOTIFIER_REFUSAL, RAM, AmdMode, QemuBinary, Scenario
+from tests.generator.runner import Built, RunResult, VfioPresent, amd_mode, run_scenario
 
 Truth = Literal["translated", "all-ram", "other"]
 CLASSES = (
@@ -35,6 +44,7 @@ CLASSES = (
     "inspection-error",
     "misbound-untranslatable",  # beyond the brief: QG001 where reordering cannot help
     "evidence-wrong",  # beyond the brief: one source concluded against the DMA log
+    "finding-wrong",  # QG003 (all guest RAM stays mapped) on a device with 0 bytes mapped
 )
 
 
@@ -99,8 +109,30 @@ def _report_device(doc: dict[str, Any], dev: VfioPresent) -> dict[str, Any] | No
     return next((d for d in doc["devices"] if d["path"] == dev.path), None)
 
 
-def judge(scn: Scenario, run: RunResult, reference: Callable[[Scenario], RunResult]) -> Outcome:
-    """Compare qmpguard's report in `run` with the DMA log; `reference` runs a scenario."""
+def _codes_on(doc: dict[str, Any], path: str) -> set[str]:
+    return {f["code"] for f in doc.get("findings", []) if f["device"] == path}
+
+
+def refused_behind_viommu(scn: Scenario, run: RunResult) -> bool:
+    """QEMU refused the VM because a vfio device came after an amd-iommu that cannot
+    notify it (7.2; 10.0 with pt=off): the version rule, not the generator's mistake."""
+    return (
+        run.status == "rejected"
+        and scn.viommu_model == "amd"
+        and not scn.amd_remap
+        and NOTIFIER_REFUSAL in run.detail
+        and "Region amd_iommu" in run.detail
+    )
+
+
+def judge(
+    scn: Scenario,
+    run: RunResult,
+    reference: Callable[[Scenario], RunResult],
+    amd: AmdMode | None = None,
+) -> Outcome:
+    """Compare qmpguard's report in `run` with the DMA log; `reference` runs a scenario;
+    `amd`: what this build does with vfio behind amd-iommu (runner.amd_mode)."""
     if run.status != "ran":
         return Outcome(run.status, run.detail, run=run)  # type: ignore[arg-type]
     out = Outcome("agree", run=run)
@@ -117,14 +149,19 @@ def judge(scn: Scenario, run: RunResult, reference: Callable[[Scenario], RunResu
         out.status = "disagree"
         return out
     ref: list[RunResult] = []
+    passthrough = scn.amd_passthrough(amd)
 
     def reference_truth(group: int, path: str) -> Truth | None:
         """The group's truth with the vIOMMU realized first (run once, only when needed)."""
         if scn.viommu is None:
             return "all-ram"  # no vIOMMU at all: nothing could translate it
+        if passthrough:
+            return None  # all guest RAM in either order: a reference cannot tell
         if not ref:
             ref.append(reference(scn.with_viommu_first()))
             out.reference_run = ref[0]
+        if refused_behind_viommu(scn, ref[0]):
+            return "translated"  # QEMU would put it behind the vIOMMU (and refuses to)
         if ref[0].status != "ran":
             out.disagreements.append(
                 Disagreement("reference-failed", path, f"{ref[0].status}: {ref[0].detail}")
@@ -139,6 +176,18 @@ def judge(scn: Scenario, run: RunResult, reference: Callable[[Scenario], RunResu
         ref_truth: Truth | None = None
         if entry is None:
             out.disagreements.append(Disagreement("missing", v.path, f"group {v.group}"))
+        elif passthrough and verdict == "ok" and "QG003" not in _codes_on(run.doc, v.path):
+            out.disagreements.append(
+                Disagreement(
+                    "wrong-ok",
+                    v.path,
+                    f"ok without QG003 under amd-iommu pass-through ({truth}, "
+                    f"{run.mapped.get(v.group)} bytes mapped); evidence: "
+                    f"{entry['order']['evidence']}",
+                )
+            )
+        elif passthrough and verdict == "misbound":
+            pass  # the DMA log cannot tell the order in pass-through: nothing to refute
         elif verdict == "ok" and truth == "all-ram":
             ref_truth = reference_truth(v.group, v.path)
             if ref_truth is not None and ref_truth != "all-ram":
@@ -177,6 +226,15 @@ def judge(scn: Scenario, run: RunResult, reference: Callable[[Scenario], RunResu
             out.disagreements.append(
                 Disagreement("unverified-without-reason", v.path, str(entry["order"]))
             )
+        if entry is not None and truth == "translated" and "QG003" in _codes_on(run.doc, v.path):
+            out.disagreements.append(
+                Disagreement(
+                    "finding-wrong",
+                    v.path,
+                    f"QG003 says all guest RAM stays mapped, the DMA log maps 0 bytes "
+                    f"(verdict {verdict})",
+                )
+            )
         if entry is not None:
             # every source's own conclusion must agree with the DMA log too: one that
             # contradicts it is only outvoted today (a conflict), and decides alone on a
@@ -199,7 +257,8 @@ def judge(scn: Scenario, run: RunResult, reference: Callable[[Scenario], RunResu
 def evaluate(scn: Scenario, qemu: QemuBinary, workdir: Path, built: Built) -> Outcome:
     """Run `scn` (and, only when needed, its vIOMMU-first reference) and judge it."""
     run = run_scenario(scn, qemu, workdir / "run", built)
-    return judge(scn, run, lambda ref: run_scenario(ref, qemu, workdir / "reference", built))
+    amd = amd_mode(qemu) if scn.viommu_model == "amd" else None
+    return judge(scn, run, lambda ref: run_scenario(ref, qemu, workdir / "reference", built), amd)
 
 
 def _evidence(run: RunResult | None, path: str) -> list[str]:

@@ -29,6 +29,7 @@ from qemu.qmp import ExecuteError, QMPClient
 from qmpguard.demo.fakevfio import (
     VfioDeviceSpec,
     attached_groups,
+    build_amd_guest,
     build_emulation,
     build_vtd_guest,
     create_sysfs_device,
@@ -41,6 +42,7 @@ from qmpguard.targets import parse_target
 from tests.conftest import AUDIT, SETUP_MARKER, audit_qmp_trace
 from tests.generator.model import (
     SETUP_FD,
+    AmdMode,
     QemuBinary,
     RenderContext,
     Rendered,
@@ -58,12 +60,39 @@ _GROUP_DIR = re.compile(r"0000:([0-9a-f]+):00\.0$")
 @dataclass(frozen=True)
 class Built:
     so: Path
-    guest: Path
+    guest: Path  # the VT-d guest
+    amd_guest: Path | None = None  # the AMD-Vi guest
 
     @staticmethod
     def build(cache: Path) -> Built:
         cache.mkdir(mode=0o700, parents=True, exist_ok=True)  # a private build cache
-        return Built(build_emulation(cache), build_vtd_guest(cache))
+        return Built(build_emulation(cache), build_vtd_guest(cache), build_amd_guest(cache))
+
+
+_VERSIONS: dict[str, tuple[int, int]] = {}
+
+
+def qemu_version(qemu: QemuBinary) -> tuple[int, int]:
+    """(major, minor) of this build, from `--version` (asked once)."""
+    if qemu.path not in _VERSIONS:
+        out = subprocess.run(
+            [qemu.path, "--version"], capture_output=True, text=True, timeout=60, check=False
+        ).stdout
+        m = re.search(r"version (\d+)\.(\d+)", out)
+        if m is None:
+            raise HarnessError(f"{qemu.path} --version: {out!r}")
+        _VERSIONS[qemu.path] = (int(m.group(1)), int(m.group(2)))
+    return _VERSIONS[qemu.path]
+
+
+def amd_mode(qemu: QemuBinary) -> AmdMode:
+    """What this build does with vfio behind amd-iommu: before 10.0 it refuses it, 10.0
+    keeps it in pass-through (pt=on), 10.1 added dma-remap (ground truth in
+    tests/integration/test_vfio_ground_truth_amd_arm.py; QEMU's hw/i386/amd_iommu.c)."""
+    version = qemu_version(qemu)
+    if version < (10, 0):
+        return AmdMode.REFUSES
+    return AmdMode.PASSTHROUGH if version < (10, 1) else AmdMode.REMAP
 
 
 @dataclass(frozen=True)
@@ -138,7 +167,9 @@ def free_tcp_port() -> int:
 def _qemu_error_line(stderr: str) -> str:
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
     errors = [ln for ln in lines if "warning:" not in ln]
-    return (errors or lines or ["(no output)"])[0][:400]
+    line = (errors or lines or ["(no output)"])[0]
+    # QEMU's reason comes last, after the whole -device argument: keep both ends
+    return line if len(line) <= 600 else f"{line[:200]} ... {line[-400:]}"
 
 
 def _start(rendered: Rendered, ctx: RenderContext, so: Path) -> subprocess.Popen[bytes]:
@@ -242,14 +273,17 @@ async def present_vfio(client: QMPClient, ctx: RenderContext) -> list[VfioPresen
     return out
 
 
-async def wait_guest_translation(ctx: RenderContext, proc: subprocess.Popen[bytes]) -> None:
-    """The VT-d guest prints TE on the debug console once translation is on."""
+async def wait_guest_translation(
+    ctx: RenderContext, proc: subprocess.Popen[bytes], marker: str = "TE"
+) -> None:
+    """The VT-d guest prints TE on the debug console once translation is on, the AMD-Vi
+    guest AMDVI once its invalidation queue drained."""
     deadline = time.monotonic() + GUEST_TIMEOUT
-    while not (ctx.console.exists() and "TE" in ctx.console.read_text(errors="replace")):
+    while not (ctx.console.exists() and marker in ctx.console.read_text(errors="replace")):
         if proc.poll() is not None:
             raise HarnessError(f"QEMU exited while the guest booted: {ctx.stderr.read_text()}")
         if time.monotonic() > deadline:
-            raise HarnessError("guest did not enable VT-d translation")
+            raise HarnessError(f"guest did not print {marker} (translation not on)")
         await asyncio.sleep(0.02)  # bounded poll on a condition
 
 
@@ -403,7 +437,7 @@ async def _drive(
                 if path.suffix == ".cfg":
                     path.unlink()
         if scn.guest:
-            await wait_guest_translation(ctx, proc)
+            await wait_guest_translation(ctx, proc, "AMDVI" if scn.viommu_model == "amd" else "TE")
         await _play(scn, ctx, client, proc)
         result.present = await present_vfio(client, ctx)
         result.mapped = mapped_bytes_by_group(ctx.dma_log)
@@ -429,7 +463,7 @@ def run_scenario(scn: Scenario, qemu: QemuBinary, workdir: Path, built: Built) -
     started = time.monotonic()
     for attempt in range(3):
         workdir.mkdir(parents=True, exist_ok=True)
-        ctx = RenderContext(workdir, qemu, built.guest, free_tcp_port())
+        ctx = RenderContext(workdir, qemu, built.guest, free_tcp_port(), built.amd_guest)
         for path in (ctx.dma_log, ctx.console, ctx.trace):
             path.unlink(missing_ok=True)
         for group in scn.vfio_groups():

@@ -12,6 +12,11 @@ QEMU's source):
   JSON forms, and only on leaves (a bus is named after its bridge's id); -readconfig
   ids have at most 63 characters and no quote.
 - Bridges with no id own a bus nobody can name: they stay empty.
+- amd-iommu only on q35, only when the build's AmdMode is known (runner.amd_mode), with
+  dma-remap=on only where it exists (10.1+), the AMD-Vi guest always, no hot-plug steps,
+  and no bypass buses where QEMU refuses vfio behind it (7.2): that refusal is QEMU's
+  answer to every vfio device realized after the amd-iommu, a bypassing one included
+  in the same VM, so its reference run could not speak for a bypassing device.
 - Explicit slots on the root buses from 0x08 (auto-placed devices take the lowest free
   slot, from 1 on q35 and 2 on i440fx, so the two never meet); slot 0 behind a bridge
   (SHPC) is avoided.
@@ -26,6 +31,7 @@ from typing import Any
 from hypothesis import strategies as st
 
 from tests.generator.model import (
+    AmdMode,
     Device,
     HotOp,
     Machine,
@@ -181,19 +187,33 @@ def _addr_text(draw: Any, slot: int, fn: int) -> str:
     return f"{slot:x}.{fn}"
 
 
+def _models(machine: Machine, amd: AmdMode | None, hot: bool, only: tuple[str, ...]) -> list[str]:
+    """vIOMMU models to draw from (weighted by repetition); `only` restricts them."""
+    models = ["intel", "virtio", "intel", "virtio", "none"] if machine == "q35" else []
+    models = models or ["virtio", "virtio", "none"]
+    if machine == "q35" and amd is not None and not hot:
+        models += ["amd", "amd"]
+    return [m for m in models if m in only] if only else models
+
+
 @st.composite
-def hand_scenarios(draw: Any, unusual_ids: bool = True, hot: bool = False) -> Scenario:
+def hand_scenarios(
+    draw: Any,
+    unusual_ids: bool = True,
+    hot: bool = False,
+    amd: AmdMode | None = None,
+    only: tuple[str, ...] = (),
+) -> Scenario:
     """Hand-written command lines: any topology, syntax and order QEMU accepts.
 
     hot: a q35 VM with hot-plug steps, one vfio device alone on a root port of pcie.0 (so
-    that it can be unplugged) besides whatever else is drawn."""
-    machine: Machine = "q35" if hot else draw(st.sampled_from(["q35", "pc"]))
-    models = (
-        ["intel", "virtio", "intel", "virtio", "none"]
-        if machine == "q35"
-        else ["virtio", "virtio", "none"]
-    )
-    model = draw(st.sampled_from(models))
+    that it can be unplugged) besides whatever else is drawn. amd: the build's AmdMode
+    (None: no amd-iommu). only: vIOMMU models to keep (empty: all)."""
+    machines: list[Machine] = ["q35"] if hot else ["q35", "pc"]
+    machines = [m for m in machines if _models(m, amd, hot, only)]
+    machine: Machine = draw(st.sampled_from(machines))
+    model = draw(st.sampled_from(_models(machine, amd, hot, only)))
+    bypass_ok = not (model == "amd" and amd is AmdMode.REFUSES)
     b = _Builder(machine)
     groups = iter(range(1, 20))
     if hot:
@@ -218,7 +238,7 @@ def hand_scenarios(draw: Any, unusual_ids: bool = True, hot: bool = False) -> Sc
             node.props["chassis_nr"] = b.chassis
         elif bridge in ("pxb", "pxb-pcie"):
             node.props["bus_nr"] = next(b.bus_nrs)
-            if draw(st.integers(0, 2)) == 0:
+            if draw(st.integers(0, 2)) == 0 and bypass_ok:
                 node.props["bypass_iommu"] = True
         b.nodes.append(node)
     # --- vfio devices and a filler
@@ -309,7 +329,7 @@ def hand_scenarios(draw: Any, unusual_ids: bool = True, hot: bool = False) -> Sc
         )
     group_ids = {b.nodes[i].group: ids[i] for i in ids if b.nodes[i].group is not None}
     hot_ops = _hot_ops(steps, ids, group_ids)  # type: ignore[arg-type]
-    devices.insert(viommu_at, _viommu(draw, model, machine, b, used))
+    devices.insert(viommu_at, _viommu(draw, model, machine, b, used, amd))
     devices = _readconfig_block(draw, devices)
     if draw(st.integers(0, 3)) == 0:  # a second -readconfig file
         devices = _readconfig_block(draw, devices)
@@ -321,7 +341,7 @@ def hand_scenarios(draw: Any, unusual_ids: bool = True, hot: bool = False) -> Sc
             st.sampled_from(MONITORS)
         ),
         launcher=draw(st.sampled_from(["direct", "direct", "kvm-link", "wrapper", "wrapper-fork"])),
-        bus_bypass=draw(st.integers(0, 5)) == 0,
+        bus_bypass=draw(st.integers(0, 5)) == 0 and bypass_ok,
         machine_last=draw(st.integers(0, 4)) == 0,
         hotplug=tuple(hot_ops),
         machine_alias=draw(st.sampled_from(["", "", "", VERSIONED[machine]])),
@@ -329,7 +349,7 @@ def hand_scenarios(draw: Any, unusual_ids: bool = True, hot: bool = False) -> Sc
         implied_type=draw(st.booleans()),
         # QEMU's default devices: not with the VT-d guest (10.0's off-tree build then
         # never reaches the guest: it loads the system's UI modules and stalls)
-        nodefaults=model == "intel" or draw(st.integers(0, 4)) > 0,
+        nodefaults=model in ("intel", "amd") or draw(st.integers(0, 4)) > 0,
         cfg_style=draw(st.sampled_from(["plain", "plain", "tabs", "tight", "wide"])),
         cfg_relative=draw(st.integers(0, 3)) == 0,
         cfg_deleted=draw(st.integers(0, 5)) == 0,
@@ -346,7 +366,9 @@ def _extras(draw: Any, implicit_ok: bool) -> tuple[str, ...]:
     return tuple(a for pair in picked for a in pair)
 
 
-def _viommu(draw: Any, model: str, machine: Machine, b: _Builder, used: set[str]) -> Device:
+def _viommu(
+    draw: Any, model: str, machine: Machine, b: _Builder, used: set[str], amd: AmdMode | None
+) -> Device:
     dev_id = draw(st.sampled_from([None, "viommu", "iommu0", "vi"]))
     while dev_id in used:
         dev_id += "-x"
@@ -358,6 +380,12 @@ def _viommu(draw: Any, model: str, machine: Machine, b: _Builder, used: set[str]
             props.insert(0, ("intremap", "on"))
         syntax: Syntax = draw(st.sampled_from(SYNTAXES))
         return Device("intel-iommu", dev_id, tuple(props), syntax)
+    if model == "amd":
+        # 10.1+: mostly dma-remap=on (translation the DMA log can see), sometimes not
+        # (pass-through, QG003's case); its AMDVI-PCI function QEMU places itself
+        remap = amd is AmdMode.REMAP and draw(st.integers(0, 3)) > 0
+        props = [("dma-remap", True)] if remap else []
+        return Device("amd-iommu", dev_id, tuple(props), draw(st.sampled_from(SYNTAXES)))
     if model == "virtio":
         free = [s for s in range(0x08, 0x1E) if s not in b.root_slots]
         slot = draw(st.sampled_from(free))
@@ -653,12 +681,18 @@ def libvirt_scenarios(draw: Any) -> Scenario:
     )
 
 
-def scenarios(unusual_ids: bool = True) -> st.SearchStrategy[Scenario]:
+def scenarios(
+    unusual_ids: bool = True, amd: AmdMode | None = None, only: tuple[str, ...] = ()
+) -> st.SearchStrategy[Scenario]:
     """Every kind: mostly hand-written lines (some with hot-plug steps), some Proxmox VE
     and libvirt shapes.
 
     unusual_ids: JSON ids outside QEMU's id_wellformed(), for builds that take them
-    (runner.accepts_unusual_ids)."""
-    hand = hand_scenarios(unusual_ids)
+    (runner.accepts_unusual_ids). amd: the build's AmdMode (runner.amd_mode; None: no
+    amd-iommu). only: vIOMMU models to keep ("intel", "virtio", "amd", "none"; empty:
+    all): then hand-written lines only."""
+    hand = hand_scenarios(unusual_ids, amd=amd, only=only)
+    if only:
+        return hand
     hot = hand_scenarios(unusual_ids, hot=True)
     return st.one_of(hand, hand, hand, hand, hot, hot, proxmox_scenarios(), libvirt_scenarios())
