@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.scenarios --runs 200 --qemu all --jobs 2 --seed 1
     .venv/bin/python -m bench.scenarios --replay bench/results/failures-....json
     .venv/bin/python -m bench.scenarios --runs 60 --viommu amd --jobs 1 --seed 4242
+    .venv/bin/python -m bench.scenarios --runs 60 --arch aarch64 --jobs 1 --seed 4242
 
 Generates --runs scenarios from --seed (hypothesis, reproducible), runs each on every
 selected QEMU build of the test matrix with the VFIO emulation, and prints one markdown
@@ -28,12 +29,13 @@ from typing import Any
 
 import structlog
 from hypothesis import HealthCheck, Phase, given, seed, settings
+from hypothesis import strategies as st
 
-from tests.conftest import QEMU_MATRIX
+from tests.conftest import QEMU_ARM_MATRIX, QEMU_MATRIX
 from tests.generator.model import AmdMode, QemuBinary, Scenario
 from tests.generator.oracle import CLASSES, evaluate, refused_behind_viommu, summary
-from tests.generator.runner import Built, accepts_unusual_ids, amd_mode
-from tests.generator.strategies import scenarios
+from tests.generator.runner import Built, accepts_unusual_ids, amd_mode, qemu_version
+from tests.generator.strategies import arm_scenarios, scenarios
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(tempfile.gettempdir()) / "qmpguard-bench-fakevfio"
@@ -45,9 +47,10 @@ def generate(
     unusual_ids: bool = True,
     amd: AmdMode | None = None,
     only: tuple[str, ...] = (),
+    strategy: st.SearchStrategy[Scenario] | None = None,
 ) -> list[Scenario]:
     """The first n distinct scenarios hypothesis draws from `seed_value` (same seed, same
-    list); amd and only as in strategies.scenarios."""
+    list); amd and only as in strategies.scenarios, or another `strategy`."""
     out: dict[str, Scenario] = {}
 
     @seed(seed_value)
@@ -58,7 +61,7 @@ def generate(
         deadline=None,
         suppress_health_check=list(HealthCheck),
     )
-    @given(scenarios(unusual_ids, amd, only))
+    @given(scenarios(unusual_ids, amd, only) if strategy is None else strategy)
     def collect(s: Scenario) -> None:
         if len(out) < n:
             out.setdefault(repr(s), s)
@@ -139,7 +142,7 @@ def table(label: str, version: str, recs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def qemu_version(path: str) -> str:
+def version_text(path: str) -> str:
     import subprocess
 
     qb = QemuBinary.resolve(path)
@@ -166,12 +169,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--keep-all", action="store_true", help="write every run's record, not only failures"
     )
+    p.add_argument(
+        "--arch",
+        choices=["x86_64", "aarch64"],
+        default="x86_64",
+        help="aarch64: the ARM matrix, virt with virtio-iommu-pci or arm-smmuv3 (10.2+)",
+    )
     args = p.parse_args(argv)
     _quiet()
-    labels = list(QEMU_MATRIX) if args.qemu == "all" else [args.qemu]
-    unknown = [lb for lb in labels if lb not in QEMU_MATRIX]
+    matrix = QEMU_ARM_MATRIX if args.arch == "aarch64" else QEMU_MATRIX
+    labels = list(matrix) if args.qemu == "all" else [args.qemu]
+    unknown = [lb for lb in labels if lb not in matrix]
     if unknown:
-        p.error(f"unknown QEMU label(s) {unknown}; known: {list(QEMU_MATRIX)}")
+        p.error(f"unknown QEMU label(s) {unknown}; known: {list(matrix)}")
     Built.build(CACHE)
     jobs: list[tuple[int, dict[str, Any], str, str]] = []
     if args.replay:
@@ -179,13 +189,21 @@ def main(argv: list[str] | None = None) -> int:
         replay = [Scenario.from_json(f["scenario"]) for f in data["failures"]]
         seed_value = data.get("seed")
         for label in labels:
-            jobs += [(i, s.to_json(), label, QEMU_MATRIX[label]) for i, s in enumerate(replay)]
+            jobs += [(i, s.to_json(), label, matrix[label]) for i, s in enumerate(replay)]
     else:
         seed_value = args.seed
         only = tuple(m for m in args.viommu.split(",") if m)
         lists: dict[tuple[bool, AmdMode], list[Scenario]] = {}
+        arm: dict[bool, list[Scenario]] = {}
         for label in labels:
-            qemu = QemuBinary.resolve(QEMU_MATRIX[label])
+            qemu = QemuBinary.resolve(matrix[label])
+            if args.arch == "aarch64":
+                smmu = qemu_version(qemu) >= (10, 2)  # -device arm-smmuv3
+                if smmu not in arm:
+                    strategy = arm_scenarios(smmu=smmu)
+                    arm[smmu] = generate(args.runs, args.seed, strategy=strategy)
+                jobs += [(i, s.to_json(), label, matrix[label]) for i, s in enumerate(arm[smmu])]
+                continue
             # builds that refuse ids outside id_wellformed() get none (not our mistake
             # twice); amd-iommu as each build supports it (runner.amd_mode)
             key = (accepts_unusual_ids(qemu), amd_mode(qemu))
@@ -197,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"amd-iommu: {key[1].value}) in {time.monotonic() - t0:.1f}s",
                     file=sys.stderr,
                 )
-            jobs += [(i, s.to_json(), label, QEMU_MATRIX[label]) for i, s in enumerate(lists[key])]
+            jobs += [(i, s.to_json(), label, matrix[label]) for i, s in enumerate(lists[key])]
     results: dict[str, list[dict[str, Any]]] = defaultdict(list)
     started = time.monotonic()
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
@@ -215,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     tables = []
     for label in labels:
         recs = sorted(results[label], key=lambda r: r["index"])
-        tables.append(table(label, qemu_version(QEMU_MATRIX[label]), recs))
+        tables.append(table(label, version_text(matrix[label]), recs))
         print()
         print(tables[-1])
         secs = [r["wall"] for r in recs]
@@ -242,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         by_rule = sum(1 for r in rejected if r.get("refused_by_rule"))
         print(
             f"failing scenarios: {out} ({len(failures)}; rejected {len(rejected)}, "
-            f"{by_rule} of them by QEMU's amd-iommu rule)"
+            f"{by_rule} of them QEMU's refusal of vfio after its vIOMMU)"
         )
         for line, n in Counter(r["detail"][:160] for r in rejected).most_common(5):
             print(f"  rejected x{n}: {line}")

@@ -23,7 +23,7 @@ Value = str | int | bool
 #: kv: `vfio-pci,k=v`; kvd: `driver=vfio-pci,k=v`; kvl: `k=v,...,driver=vfio-pci`
 Syntax = Literal["kv", "kvd", "kvl", "json", "relaxed", "readconfig"]
 CfgStyle = Literal["plain", "tabs", "tight", "wide"]
-Machine = Literal["q35", "pc"]
+Machine = Literal["q35", "pc", "virt"]  # virt: aarch64
 Monitor = Literal["qmp-unix", "qmp-tcp", "chardev-unix", "qmp-pretty"]
 #: wrapper: a shell script that execs QEMU; wrapper-fork: one that runs it as a child
 Launcher = Literal["direct", "kvm-link", "wrapper", "wrapper-fork"]
@@ -31,11 +31,13 @@ Shape = Literal["hand", "proxmox", "libvirt"]
 
 RAM_MIB = 64
 RAM = RAM_MIB << 20
-VIOMMU_DRIVERS = ("intel-iommu", "virtio-iommu-pci", "amd-iommu")
-ViommuModel = Literal["intel", "virtio", "amd", "none"]
+VIOMMU_DRIVERS = ("intel-iommu", "virtio-iommu-pci", "amd-iommu", "arm-smmuv3")
+ViommuModel = Literal["intel", "virtio", "amd", "smmu", "none"]
 #: QEMU's refusal of a vfio device realized after an amd-iommu that cannot notify it
 #: (7.2 always, 10.0 with pt=off): hw/vfio's "requires iommu notifier ..." error
 NOTIFIER_REFUSAL = "requires iommu notifier which is not currently supported"
+#: the same for a vfio device realized after a `-device arm-smmuv3` (10.2+, aarch64)
+MAP_NOTIFIER_REFUSAL = "requires iommu MAP notifier which is not currently supported"
 
 
 class AmdMode(Enum):
@@ -59,7 +61,7 @@ BRIDGE_DRIVERS = (
 
 
 def main_bus(machine: Machine) -> str:
-    return "pcie.0" if machine == "q35" else "pci.0"
+    return "pci.0" if machine == "pc" else "pcie.0"
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,8 @@ class Scenario:
         v = self.viommu
         if v is None:
             return "none"
-        return {"intel-iommu": "intel", "amd-iommu": "amd"}.get(v.driver, "virtio")  # type: ignore[return-value]
+        models = {"intel-iommu": "intel", "amd-iommu": "amd", "arm-smmuv3": "smmu"}
+        return models.get(v.driver, "virtio")  # type: ignore[return-value]
 
     @property
     def guest(self) -> bool:

@@ -32,7 +32,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-from tests.generator.model import NOTIFIER_REFUSAL, RAM, AmdMode, QemuBinary, Scenario
+from tests.generator.model import (
+    MAP_NOTIFIER_REFUSAL,
+    NOTIFIER_REFUSAL,
+    RAM,
+    AmdMode,
+    QemuBinary,
+    Scenario,
+)
 from tests.generator.runner import Built, RunResult, VfioPresent, amd_mode, run_scenario
 
 Truth = Literal["translated", "all-ram", "other"]
@@ -114,11 +121,15 @@ def _codes_on(doc: dict[str, Any], path: str) -> set[str]:
 
 
 def refused_behind_viommu(scn: Scenario, run: RunResult) -> bool:
-    """QEMU refused the VM because a vfio device came after an amd-iommu that cannot
-    notify it (7.2; 10.0 with pt=off): the version rule, not the generator's mistake."""
+    """QEMU refused the VM because a vfio device came after a vIOMMU that cannot notify
+    it (amd-iommu on 7.2 or 10.0 with pt=off; -device arm-smmuv3): QEMU's own rule, not
+    the generator's mistake."""
+    if run.status != "rejected":
+        return False
+    if scn.viommu_model == "smmu":
+        return MAP_NOTIFIER_REFUSAL in run.detail and "Region smmuv3-iommu" in run.detail
     return (
-        run.status == "rejected"
-        and scn.viommu_model == "amd"
+        scn.viommu_model == "amd"
         and not scn.amd_remap
         and NOTIFIER_REFUSAL in run.detail
         and "Region amd_iommu" in run.detail

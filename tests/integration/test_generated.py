@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from itertools import count
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import QEMU_MATRIX, requires_qemu
+from tests.conftest import QEMU_ARM_MATRIX, QEMU_MATRIX, requires_qemu
 from tests.generator.corpus import CASES, Case, known_open
 from tests.generator.model import AmdMode, QemuBinary, Scenario
 from tests.generator.oracle import Outcome, evaluate, refused_behind_viommu, summary
-from tests.generator.runner import Built, accepts_unusual_ids, amd_mode
-from tests.generator.strategies import scenarios
+from tests.generator.runner import Built, accepts_unusual_ids, amd_mode, qemu_version
+from tests.generator.strategies import arm_scenarios, scenarios
 
 pytestmark = [pytest.mark.integration, requires_qemu]
 
@@ -36,6 +37,8 @@ EXAMPLES_PER_QEMU = 40
 #: amd-iommu examples per build (the mix above draws hardly any: hypothesis'
 #: derandomized start favours the first choices): about 1 s each with the AMD-Vi guest
 AMD_EXAMPLES_PER_QEMU = 8
+#: aarch64 virt examples per ARM build (under -S: about 0.3 s each)
+ARM_EXAMPLES_PER_QEMU = 10
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +114,21 @@ def test_generated_amd_iommu_scenarios_agree_with_the_dma_log(
     refused = _agree_on(qemu, strategy, AMD_EXAMPLES_PER_QEMU, built, tmp_path)
     if mode is not AmdMode.REFUSES:
         assert not refused, refused  # only 7.2 refuses vfio behind its amd-iommu
+
+
+@pytest.mark.parametrize("label", list(QEMU_ARM_MATRIX), ids=lambda lb: f"aarch64-{lb}")
+def test_generated_arm_scenarios_agree_with_the_dma_log(
+    label: str, built: Built, tmp_path: Path
+) -> None:
+    """aarch64 virt: virtio-iommu-pci anywhere in the order, and from 10.2 a
+    `-device arm-smmuv3`, which QEMU refuses vfio realized after."""
+    path = QEMU_ARM_MATRIX[label]
+    if shutil.which(path) is None and not Path(path).exists():
+        pytest.skip(f"{path} not installed")
+    qemu = QemuBinary.resolve(path)
+    smmu = qemu_version(qemu) >= (10, 2)
+    refused = _agree_on(qemu, arm_scenarios(smmu=smmu), ARM_EXAMPLES_PER_QEMU, built, tmp_path)
+    assert smmu or not refused, refused  # only the SMMUv3 device refuses
 
 
 def _corpus_params() -> list[Any]:
