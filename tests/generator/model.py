@@ -221,6 +221,15 @@ class Scenario:
         rest = tuple(d for d in self.devices if d is not v)
         return replace(self, devices=(first, *rest), name=f"{self.name} (reference)".strip())
 
+    def with_dma_remap(self) -> Scenario:
+        """The same VM with its amd-iommu translating (dma-remap=on, 10.1+): the twin whose
+        DMA log tells the order a pass-through amd-iommu hides."""
+        v = self.viommu
+        assert v is not None and v.driver == "amd-iommu", "an amd-iommu scenario"
+        twin = replace(v, props=(*v.props, ("dma-remap", True)))
+        devices = tuple(twin if d is v else d for d in self.devices)
+        return replace(self, devices=devices, name=f"{self.name} (dma-remap twin)".strip())
+
     def classes(self) -> list[str]:
         """Tags for the per-class table: one scenario counts in each of its classes."""
         tags = [

@@ -19,9 +19,12 @@ AMD-Vi guest switches every device to translation, so the rules above apply as t
 Where QEMU refuses vfio behind it (7.2), a vIOMMU-first reference that QEMU refuses with
 its notifier error counts as translated: QEMU would have put the device behind the
 vIOMMU, and only the wrong order runs. In pass-through (10.0's pt=on, 10.1+ without
-dma-remap) every device keeps all guest RAM in either order: the DMA log cannot tell the
-order, so no reference runs; `ok` must then come with QG003 for the device (the guest
-cannot isolate it) or it is wrong-ok.
+dma-remap) every device keeps all guest RAM in either order, so `ok` must come with QG003
+for the device (the guest cannot isolate it) or it is wrong-ok; the order itself is told
+where the build has dma-remap (10.1+) by the twin: the same VM with dma-remap=on, judged
+by the rules above (ok where the twin maps all RAM but its vIOMMU-first reference
+translates: wrong-ok; misbound where the twin translates: wrong-misbound). 10.0 has no
+twin: there the order is not checked under pass-through.
 """
 
 from __future__ import annotations
@@ -161,15 +164,29 @@ def judge(
         return out
     ref: list[RunResult] = []
     passthrough = scn.amd_passthrough(amd)
+    twin_scn = scn.with_dma_remap() if passthrough and amd is AmdMode.REMAP else None
+    twin: list[RunResult] = []
+
+    def twin_truth(group: int, path: str) -> Truth | None:
+        """The group's truth in the dma-remap twin (run once, only when needed)."""
+        assert twin_scn is not None
+        if not twin:
+            twin.append(reference(twin_scn))
+        if twin[0].status != "ran":
+            out.disagreements.append(
+                Disagreement("reference-failed", path, f"twin {twin[0].status}: {twin[0].detail}")
+            )
+            return None
+        return truth_of(twin[0].mapped.get(group))
 
     def reference_truth(group: int, path: str) -> Truth | None:
         """The group's truth with the vIOMMU realized first (run once, only when needed)."""
         if scn.viommu is None:
             return "all-ram"  # no vIOMMU at all: nothing could translate it
-        if passthrough:
+        if passthrough and twin_scn is None:
             return None  # all guest RAM in either order: a reference cannot tell
         if not ref:
-            ref.append(reference(scn.with_viommu_first()))
+            ref.append(reference((twin_scn or scn).with_viommu_first()))
             out.reference_run = ref[0]
         if refused_behind_viommu(scn, ref[0]):
             return "translated"  # QEMU would put it behind the vIOMMU (and refuses to)
@@ -197,8 +214,8 @@ def judge(
                     f"{entry['order']['evidence']}",
                 )
             )
-        elif passthrough and verdict == "misbound":
-            pass  # the DMA log cannot tell the order in pass-through: nothing to refute
+        elif passthrough:
+            pass  # all guest RAM in either order: the order is the twin's to tell (below)
         elif verdict == "ok" and truth == "all-ram":
             ref_truth = reference_truth(v.group, v.path)
             if ref_truth is not None and ref_truth != "all-ram":
@@ -237,6 +254,12 @@ def judge(
             out.disagreements.append(
                 Disagreement("unverified-without-reason", v.path, str(entry["order"]))
             )
+        by_twin: Truth | None = None
+        if twin_scn is not None and entry is not None:
+            by_twin = twin_truth(v.group, v.path)
+            ref_truth = _judge_order_by_twin(
+                out, v, entry, by_twin, partial(reference_truth, v.group, v.path)
+            )
         if entry is not None and truth == "translated" and "QG003" in _codes_on(run.doc, v.path):
             out.disagreements.append(
                 Disagreement(
@@ -246,11 +269,12 @@ def judge(
                     f"(verdict {verdict})",
                 )
             )
-        if entry is not None:
+        order_truth = by_twin if passthrough else truth  # pass-through: the twin's
+        if entry is not None and order_truth is not None:
             # every source's own conclusion must agree with the DMA log too: one that
             # contradicts it is only outvoted today (a conflict), and decides alone on a
             # VM where the others cannot speak
-            wrong = _wrong_sources(entry, truth, partial(reference_truth, v.group, v.path))
+            wrong = _wrong_sources(entry, order_truth, partial(reference_truth, v.group, v.path))
             if wrong:
                 out.disagreements.append(
                     Disagreement(
@@ -263,6 +287,39 @@ def judge(
     if out.disagreements:
         out.status = "disagree"
     return out
+
+
+def _judge_order_by_twin(
+    out: Outcome,
+    v: VfioPresent,
+    entry: dict[str, Any],
+    twin: Truth | None,
+    reference: Callable[[], Truth | None],
+) -> Truth | None:
+    """Pass-through hides the order: the dma-remap twin's DMA log tells it. Returns the
+    vIOMMU-first (twin) reference's truth if it was needed."""
+    verdict, evidence = entry["verdict"], entry["order"]["evidence"]
+    if verdict == "misbound" and twin == "translated":
+        out.disagreements.append(
+            Disagreement(
+                "wrong-misbound",
+                v.path,
+                f"pass-through; the dma-remap twin maps 0 bytes for it; evidence: {evidence}",
+            )
+        )
+    if verdict == "ok" and twin == "all-ram":
+        ref_truth = reference()
+        if ref_truth == "translated":
+            out.disagreements.append(
+                Disagreement(
+                    "wrong-ok",
+                    v.path,
+                    "pass-through; the dma-remap twin maps all guest RAM for it and "
+                    f"translates it with the vIOMMU first; evidence: {evidence}",
+                )
+            )
+        return ref_truth
+    return None
 
 
 def evaluate(scn: Scenario, qemu: QemuBinary, workdir: Path, built: Built) -> Outcome:
