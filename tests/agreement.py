@@ -7,7 +7,7 @@ its reason while check concludes; or check unverified while preflight concludes 
 has less to go on than the command line alone: e.g. an anonymous device next to an
 implicit one). Never ok against misbound.
 
-`qemu_vm` calls `compare_with_preflight` for each VM it started, before stopping it;
+`qemu_vm` calls `disagreements_with_preflight` for each VM it started, before stopping it;
 the `libvirt_domain` fixture calls `libvirt_disagreements` for each domain before
 destroying it. So a new scenario is checked both ways without touching any test. The
 generator's agreement (tests/generator/preflight_runs.py) uses the same `compare`.
@@ -572,15 +572,3 @@ def libvirt_disagreements(dom: Any, uri: str = DEFAULT_LIBVIRT_URI) -> list[str]
     """The same for a libvirt domain, before it is destroyed."""
     out = _record(outcome_of_domain, dom, uri)
     return [out.message()] if out.problems else []
-
-
-def compare_with_preflight(vm: QemuProcess) -> None:
-    """Hook point: preflight of the VM's argv against `check` of the running VM.
-
-    A disagreement fails the test that started the VM; the VM is stopped first, so that
-    the failure leaves no QEMU behind (qemu_vm stops the others only if this returns).
-    """
-    found = disagreements_with_preflight(vm)
-    if found:
-        vm.stop()
-        raise AssertionError("\n".join(found))

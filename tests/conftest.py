@@ -26,7 +26,7 @@ from qemu.qmp import ExecuteError, QMPClient
 
 from qmpguard.demo.qemu_process import QemuProcess
 from qmpguard.qmp.allowlist import ForbiddenCommand, check_command
-from tests.agreement import compare_with_preflight
+from tests.agreement import disagreements_with_preflight
 
 REPO = Path(__file__).resolve().parent.parent
 QEMU_ARM = "qemu-system-aarch64"
@@ -132,13 +132,14 @@ def qemu_vm(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[VmFactor
     try:
         yield start
     finally:
-        refused = []
+        refused, disagreements = [], []
         for vm, trace in started:
-            compare_with_preflight(vm)
+            disagreements += disagreements_with_preflight(vm)
             vm.stop()
             AUDIT["vms"] += 1
             refused += audit_qmp_trace(trace)
         assert not refused, f"qmpguard sent commands outside the allow-list: {refused}"
+        assert not disagreements, "\n".join(disagreements)
 
 
 async def setup_client(vm: QemuProcess) -> AsyncIterator[QMPClient]:

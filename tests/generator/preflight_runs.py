@@ -52,7 +52,7 @@ def preflight_of(argv: list[str], cwd: Path | None = None) -> Preflight:
 def rendered_preflight(scn: Scenario, argv: list[str], workdir: Path, built: Built) -> Preflight:
     """Preflight of `argv` with the -readconfig files as the scenario renders them into
     `workdir` (whether or not they are still on disk)."""
-    ctx = RenderContext(workdir, QemuBinary("qemu", "qemu"), built.guest, 0)
+    ctx = RenderContext(workdir, QemuBinary("qemu", "qemu"), built.guest, 0, built.amd_guest)
     files: dict[str, str] = {}
     for n in range(len(scn.cfg_runs())):
         path = workdir / scn.cfg_file(n)
@@ -155,7 +155,7 @@ def run_transformed(
     started = time.monotonic()
     for attempt in range(3):
         workdir.mkdir(parents=True, exist_ok=True)
-        ctx = RenderContext(workdir, qemu, built.guest, free_tcp_port())
+        ctx = RenderContext(workdir, qemu, built.guest, free_tcp_port(), built.amd_guest)
         for path in (ctx.dma_log, ctx.console, ctx.trace):
             path.unlink(missing_ok=True)
         for group in scn.vfio_groups():

@@ -15,8 +15,18 @@ from typing import Any
 import pytest
 
 from qmpguard.demo.fakevfio import build_emulation
+from tests.agreement import libvirt_disagreements
 from tests.conftest import audit_qmp_trace
-from tests.integration.support import DOMAIN, TRACE_DIR, Daemon, _connect, free_port, wait_for
+from tests.integration.support import (
+    DOMAIN,
+    FAST_RESCAN,
+    TRACE_DIR,
+    URI,
+    Daemon,
+    _connect,
+    free_port,
+    wait_for,
+)
 
 
 @pytest.fixture
@@ -24,8 +34,16 @@ def daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     started: list[subprocess.Popen[str]] = []
 
     def start(*args: str, token: str | None = None, nofile: int | None = None) -> Daemon:
-        """A daemon on a free port; `nofile` sets its RLIMIT_NOFILE (soft and hard)."""
+        """A daemon on a free port; `nofile` sets its RLIMIT_NOFILE (soft and hard).
+
+        Without `--config` it reads one that only sets FAST_RESCAN: the tests wait for the
+        daemon to notice VMs come and go, and the default rescan (2 s) is most of that
+        wait. A test that passes its own `--config` puts FAST_RESCAN in it."""
         port = free_port()
+        if "--config" not in args:
+            base = tmp_path / f"daemon-{port}.toml"
+            base.write_text(FAST_RESCAN)
+            args = ("--config", str(base), *args)
 
         def limit_fds() -> None:
             if nofile is not None:
@@ -80,7 +98,8 @@ def fakevfio(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def libvirt_domain() -> Iterator[Callable[[dict[str, str]], str]]:
-    """Define and start (paused) libvirt domains; destroy and undefine them at teardown."""
+    """Define and start (paused) libvirt domains; at teardown, hold each to the preflight
+    agreement (tests/agreement.py), then destroy and undefine them all."""
     libvirt = pytest.importorskip("libvirt")
     conn = _connect()
     TRACE_DIR.mkdir(mode=0o777, parents=True, exist_ok=True)
@@ -98,8 +117,11 @@ def libvirt_domain() -> Iterator[Callable[[dict[str, str]], str]]:
     try:
         yield start
     finally:
-        refused = []
+        refused, disagreements = [], []
         for dom, trace in made:
+            # preflight --libvirt-xml of the domain against check libvirt:DOMAIN (issue
+            # 16); every domain is destroyed before a disagreement fails the test
+            disagreements += libvirt_disagreements(dom, URI)
             if dom.isActive():
                 dom.destroy()
             dom.undefine()
@@ -110,3 +132,4 @@ def libvirt_domain() -> Iterator[Callable[[dict[str, str]], str]]:
         # ones it sends to manage the VM: only qmpguard's are judged here.
         ours = [r for r in refused if "qom-" in r or "human-monitor" in r]
         assert not ours, ours
+        assert not disagreements, "\n".join(disagreements)

@@ -134,7 +134,7 @@ def test_preflight_agrees_with_check_on_corpus(
 
 def _misbound_by_preflight(scn: Scenario, qemu: QemuBinary, workdir: Path, built: Built) -> bool:
     """Pure: would preflight find a vfio device realized before its vIOMMU? (No QEMU.)"""
-    argv = render(scn, RenderContext(workdir, qemu, built.guest, 1)).argv
+    argv = render(scn, RenderContext(workdir, qemu, built.guest, 1, built.amd_guest)).argv
     devices = rendered_preflight(scn, argv, workdir, built).analysis().devices
     return any(d.verdict is Verdict.MISBOUND for d in devices)
 
