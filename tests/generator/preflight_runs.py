@@ -131,7 +131,16 @@ def _compare(
     live, pre = side_of_json(doc), side_of(mine)
     if pre.verdict is Verdict.MISBOUND and truth != "all-ram":
         out.problems.append(f"{where}: preflight says misbound, the DMA log says {truth}")
-    if pre.verdict is Verdict.OK and pre.kind is BindingKind.VIOMMU and truth != "translated":
+    passthrough = mine.binding.viommu is not None and mine.binding.viommu.passthrough
+    if pre.verdict is Verdict.OK and passthrough and truth != "all-ram":
+        # QG003: kept in pass-through, all guest RAM stays mapped in either order
+        out.problems.append(f"{where}: preflight says pass-through, the DMA log says {truth}")
+    if (
+        pre.verdict is Verdict.OK
+        and pre.kind is BindingKind.VIOMMU
+        and not passthrough
+        and truth != "translated"
+    ):
         out.problems.append(f"{where}: preflight says ok, the DMA log says {truth}")
     result = compare(where, live, pre)
     out.problems += result.problems
