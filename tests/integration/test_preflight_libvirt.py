@@ -46,6 +46,7 @@ from qmpguard.demo.fakevfio import (
 from qmpguard.inspection import inspect_target
 from qmpguard.report.document import target_json
 from qmpguard.targets import parse_target
+from tests.agreement import libvirt_disagreements
 from tests.conftest import REPO, audit_qmp_trace
 
 libvirt = pytest.importorskip("libvirt")
@@ -274,6 +275,8 @@ def test_misbound_domain_runs_without_the_gate_and_check_says_qg001(
         assert "<qemu:commandline>" in qg001["message"]
         assert "in JSON form: -device {" in qg001["message"]
         fixed_xml = apply_fix(qg001["message"], xml)
+        # issue 16's contract, as for every qemu_vm and libvirt_domain VM
+        assert not libvirt_disagreements(dom, URI)
     finally:
         dom.destroy()
         assert not [
