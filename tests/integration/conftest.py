@@ -16,7 +16,7 @@ import pytest
 
 from qmpguard.demo.fakevfio import build_emulation
 from tests.agreement import libvirt_disagreements
-from tests.conftest import audit_qmp_trace
+from tests.conftest import QEMU_MATRIX, audit_qmp_trace
 from tests.integration.support import (
     DOMAIN,
     FAST_RESCAN,
@@ -27,6 +27,7 @@ from tests.integration.support import (
     free_port,
     wait_for,
 )
+from tests.integration.vfio_vm import qemu_version
 
 
 @pytest.fixture
@@ -133,3 +134,9 @@ def libvirt_domain() -> Iterator[Callable[[dict[str, str]], str]]:
         ours = [r for r in refused if "qom-" in r or "human-monitor" in r]
         assert not ours, ours
         assert not disagreements, "\n".join(disagreements)
+
+
+@pytest.fixture
+def x86(request: pytest.FixtureRequest) -> tuple[int, int]:
+    """The version of the x86 QEMU this test instance runs on."""
+    return qemu_version(QEMU_MATRIX[request.node.callspec.params["qemu_vm"]])

@@ -20,9 +20,7 @@ address space) is asserted beside it.
 from __future__ import annotations
 
 import asyncio
-import functools
 import re
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +43,7 @@ from qmpguard.inspection import inspect_target
 from qmpguard.qemu_names import HMP_MTREE
 from qmpguard.report.document import target_json
 from qmpguard.targets import parse_target
-from tests.conftest import QEMU_MATRIX, VmFactory, record_evidence, requires_qemu
+from tests.conftest import VmFactory, record_evidence, requires_qemu
 
 pytestmark = [pytest.mark.integration, requires_qemu]
 
@@ -58,21 +56,6 @@ NICS = ["e1000e,id=nic1,bus=rp1", "e1000e,id=nic2,bus=rp2"]
 NOTIFIER_REFUSAL = "requires iommu notifier which is not currently supported"
 GROUPS = (11, 12)  # the emulation's IOMMU groups of hostdev1 and hostdev2
 GUEST_MARKER = "AMDVI"
-
-
-@functools.cache
-def qemu_version(binary: str) -> tuple[int, int]:
-    out = subprocess.run(
-        [binary, "--version"], capture_output=True, text=True, timeout=60, check=False
-    ).stdout
-    m = re.search(r"version (\d+)\.(\d+)", out)
-    assert m, f"{binary} --version: {out!r}"
-    return int(m.group(1)), int(m.group(2))
-
-
-@pytest.fixture
-def x86(request: pytest.FixtureRequest) -> tuple[int, int]:
-    return qemu_version(QEMU_MATRIX[request.node.callspec.params["qemu_vm"]])
 
 
 @dataclass

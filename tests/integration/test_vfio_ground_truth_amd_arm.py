@@ -23,10 +23,8 @@ qmpguard lacks, and the mark must come off once the analysis closes the gap.
 from __future__ import annotations
 
 import asyncio
-import functools
 import re
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +46,7 @@ from tests.integration.vfio_vm import (
     greeted,
     memfd_machine,
     nothing_mapped,
+    qemu_version,
     refused,
     report,
     start,
@@ -71,23 +70,6 @@ ARM = pytest.mark.parametrize("arm", list(QEMU_ARM_MATRIX), ids=lambda label: f"
 ON_ARM = pytest.mark.parametrize(
     "qemu_vm", [next(iter(QEMU_MATRIX))], indirect=True, ids=["aarch64"]
 )
-
-
-@functools.cache
-def qemu_version(binary: str) -> tuple[int, int]:
-    """(major, minor) from `binary --version` (the 11.1 wrapper passes it through)."""
-    out = subprocess.run(
-        [binary, "--version"], capture_output=True, text=True, timeout=60, check=False
-    ).stdout
-    m = re.search(r"version (\d+)\.(\d+)", out)
-    assert m, f"{binary} --version: {out!r}"
-    return int(m.group(1)), int(m.group(2))
-
-
-@pytest.fixture
-def x86(request: pytest.FixtureRequest) -> tuple[int, int]:
-    """The version of the x86 QEMU this test instance runs on."""
-    return qemu_version(QEMU_MATRIX[request.node.callspec.params["qemu_vm"]])
 
 
 def arm_binary(arm: str, since: tuple[int, int] = (0, 0)) -> str:

@@ -11,6 +11,9 @@ those steps live here, once; each test module keeps only what its vIOMMUs need.
 from __future__ import annotations
 
 import asyncio
+import functools
+import re
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,3 +186,14 @@ def codes(doc: dict[str, Any], dev_id: str | None) -> list[str]:
         for f in doc["findings"]
         if dev_id is None or f["device"] == f"/machine/peripheral/{dev_id}"
     )
+
+
+@functools.cache
+def qemu_version(binary: str) -> tuple[int, int]:
+    """(major, minor) from `binary --version` (the 11.1 wrapper passes it through)."""
+    out = subprocess.run(
+        [binary, "--version"], capture_output=True, text=True, timeout=60, check=False
+    ).stdout
+    m = re.search(r"version (\d+)\.(\d+)", out)
+    assert m, f"{binary} --version: {out!r}"
+    return int(m.group(1)), int(m.group(2))
