@@ -19,6 +19,27 @@ from typing import Any
 DEFAULT_QEMU = "qemu-system-x86_64"
 _QMP_FD = 3  # where the child keeps the listening QMP socket across exec
 _SETUP_FD = 4
+#: sun_path is 108 bytes on Linux, one of them the terminating NUL (unix(7)).
+MAX_SOCKET_PATH = 107
+
+
+class SocketPathTooLongError(ValueError):
+    """A QMP socket path Linux cannot bind: checked before fork, so the caller gets one
+    clear error instead of a failure inside the child's preexec hook."""
+
+    def __init__(self, path: Path) -> None:
+        size = len(os.fsencode(path))
+        super().__init__(
+            f"QMP socket path {path} is {size} bytes, a unix socket path is at most "
+            f"{MAX_SOCKET_PATH}: use a shorter directory (e.g. TMPDIR=/tmp)"
+        )
+        self.path = path
+
+
+def check_socket_path(path: Path) -> None:
+    """Raise SocketPathTooLongError if `path` cannot be bound as a unix socket."""
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise SocketPathTooLongError(path)
 
 
 def qemu_binary(default: str = DEFAULT_QEMU) -> str:
@@ -48,6 +69,9 @@ class QemuProcess:
         """
         if shutil.which(self.binary) is None and not Path(self.binary).exists():
             raise FileNotFoundError(f"QEMU binary not found: {self.binary}")
+        for path in (self.qmp_path, self.setup_qmp_path):
+            if path is not None:
+                check_socket_path(path)
         self.qmp_path.parent.mkdir(parents=True, exist_ok=True)
         if self.qmp_path.exists() or self.qmp_path.is_symlink():
             self.qmp_path.unlink()

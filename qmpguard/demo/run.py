@@ -24,7 +24,7 @@ from qmpguard.demo.fakevfio import (
     emulation_env,
     private_cache_dir,
 )
-from qmpguard.demo.qemu_process import QemuProcess
+from qmpguard.demo.qemu_process import QemuProcess, SocketPathTooLongError, check_socket_path
 from qmpguard.inspection import inspect_many
 from qmpguard.report.document import report_json
 from qmpguard.report.table import render_report
@@ -89,8 +89,13 @@ def demo_passed(results: list[TargetResult]) -> bool:
     return verdicts == {"good-vm": "ok", "bad-vm": "misbound"}
 
 
-#: The build cache is not private: nothing is built or loaded (exit code UNKNOWN).
+#: The build cache is not private, or the temporary directory is too deep for a QMP
+#: socket: nothing is started (exit code UNKNOWN, one line on stderr).
 EXIT_REFUSED = 3
+
+
+#: The demo's VMs: name, and whether the vIOMMU comes first on the command line.
+DEMO_VMS = (("good-vm", True), ("bad-vm", False))
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -109,6 +114,12 @@ def run_demo(fmt: str = "table", keep: bool = False) -> int:
     vms: list[QemuProcess] = []
     with tempfile.TemporaryDirectory(prefix="qmpguard-demo-") as tmp:
         work = Path(tmp)  # mkdtemp: 0700, ours
+        try:  # before anything is built: a too-deep $TMPDIR is a usage error
+            for name, _ in DEMO_VMS:
+                check_socket_path(work / f"{name}.qmp")
+        except SocketPathTooLongError as exc:
+            print(f"qmpguard demo: {exc}", file=sys.stderr)
+            return EXIT_REFUSED
         # The emulation is preloaded into QEMU: it is built into (and reused from) a
         # private cache only, never a shared path such as $TMPDIR/qmpguard-demo-cache.
         try:
@@ -125,7 +136,7 @@ def run_demo(fmt: str = "table", keep: bool = False) -> int:
             print(f"qmpguard demo: {exc}", file=sys.stderr)
             return EXIT_REFUSED
         try:
-            for i, (name, first) in enumerate((("good-vm", True), ("bad-vm", False))):
+            for i, (name, first) in enumerate(DEMO_VMS):
                 sysfs = create_sysfs_device(
                     work / name, VfioDeviceSpec(name=f"0000:0{i + 1}:00.0", group=40 + i)
                 )

@@ -7,7 +7,10 @@ whoever owned it: a library planted there by `nobody` ran as root.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,15 +46,23 @@ def plant_library(path: Path, marker: Path, tmp: Path) -> None:
     os.chown(path, NOBODY, NOBODY)
 
 
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A $TMPDIR short enough for the demo's QMP sockets wherever pytest puts tmp_path
+    (a pytest-xdist worker's tmp_path is deeper than the 107 bytes a socket path may have)."""
+    path = Path(tempfile.mkdtemp(prefix="qg-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to plant as nobody")
 
 
 @root_only
 @requires_qemu
 @pytest.mark.parametrize("where", ["old-tmp-cache", "private-cache"])
-def test_demo_never_loads_a_planted_library(tmp_path: Path, where: str) -> None:
-    tmpdir, cache = tmp_path / "tmp", tmp_path / "cache"
-    tmpdir.mkdir()
+def test_demo_never_loads_a_planted_library(tmp_path: Path, short_tmp: Path, where: str) -> None:
+    tmpdir, cache = short_tmp, tmp_path / "cache"
     marker = tmp_path / "PLANTED-LIBRARY-RAN"
     name = cached_name(SOURCE, "fakevfio", ".so")
     if where == "old-tmp-cache":  # the shared path older demos used: anyone could create it
@@ -97,4 +108,17 @@ def test_demo_refuses_a_cache_directory_others_can_write(tmp_path: Path, problem
     assert not marker.exists()
     line = assert_one_line_error(proc, needle)
     assert line.startswith(f"qmpguard demo: refusing build cache {cache / 'qmpguard'}")
+    assert proc.stdout == ""
+
+
+def test_demo_refuses_a_temporary_directory_too_deep_for_a_socket(tmp_path: Path) -> None:
+    """A $TMPDIR deeper than a unix socket path allows: one line, exit 3, no QEMU started.
+
+    Before, QEMU's socket was bound in the forked child and the failure surfaced as a
+    traceback ("Exception occurred in preexec_fn")."""
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    proc = qmpguard("demo", env={"TMPDIR": str(deep)}, timeout=60)
+    line = assert_one_line_error(proc, "a unix socket path is at most 107")
+    assert line.startswith(f"qmpguard demo: QMP socket path {deep}/qmpguard-demo-")
     assert proc.stdout == ""
