@@ -102,6 +102,63 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _emulation(work: Path) -> Path:
+    """Build (or reuse) the VFIO emulation library. It is preloaded into QEMU, so it is
+    built into a private cache only, never a shared path such as
+    $TMPDIR/qmpguard-demo-cache (UnsafeCacheError otherwise); without a usable home it
+    is built afresh in this run's own directory."""
+    try:
+        cache = private_cache_dir()
+    except UnsafeCacheError:
+        raise
+    except (OSError, RuntimeError):
+        cache = work / "build"
+        cache.mkdir(mode=0o700)
+    return build_emulation(cache)
+
+
+def _start_vms(work: Path, so_path: Path, vms: list[QemuProcess]) -> None:
+    """Start DEMO_VMS, appending each to `vms` as it starts (the caller stops them)."""
+    for i, (name, first) in enumerate(DEMO_VMS):
+        sysfs = create_sysfs_device(
+            work / name, VfioDeviceSpec(name=f"0000:0{i + 1}:00.0", group=40 + i)
+        )
+        vm = QemuProcess(
+            args=demo_vm_args(name, sysfs, first),
+            qmp_path=work / f"{name}.qmp",
+            env=emulation_env(so_path, work / f"{name}.dma.log"),
+            stderr_path=work / f"{name}.stderr",
+        )
+        vms.append(vm.start())
+
+
+def _print_report(results: list[TargetResult], fmt: str) -> None:
+    if fmt == "json":
+        print(json.dumps(report_json(results), indent=2))
+    else:
+        print(INTRO)
+        print(render_report(results))
+        print(OUTRO)
+
+
+def _wait_while_kept(vms: list[QemuProcess]) -> None:
+    """`--keep`: leave the VMs to the user until they exit or the user interrupts."""
+    sockets = ", ".join(str(v.qmp_path) for v in vms)
+    print(f"VMs running; QMP sockets: {sockets}\nCtrl-C to stop.", file=sys.stderr)
+    for vm in vms:
+        assert vm.popen is not None
+        vm.popen.wait()
+
+
+def _explain_failure(vms: list[QemuProcess]) -> None:
+    """Each VM's last stderr line (why QEMU stopped, if it did), then the one-line verdict."""
+    for vm in vms:
+        err = vm.stderr_text().strip()
+        if err:
+            print(f"{vm.qmp_path.stem}: {err.splitlines()[-1]}", file=sys.stderr)
+    print("qmpguard demo: the demo did not produce the expected verdicts", file=sys.stderr)
+
+
 def run_demo(fmt: str = "table", keep: bool = False) -> int:
     """Build the emulation, start the VMs, check them, stop them. 0 if the demo worked.
 
@@ -117,61 +174,20 @@ def run_demo(fmt: str = "table", keep: bool = False) -> int:
         try:  # before anything is built: a too-deep $TMPDIR is a usage error
             for name, _ in DEMO_VMS:
                 check_socket_path(work / f"{name}.qmp")
-        except SocketPathTooLongError as exc:
-            print(f"qmpguard demo: {exc}", file=sys.stderr)
-            return EXIT_REFUSED
-        # The emulation is preloaded into QEMU: it is built into (and reused from) a
-        # private cache only, never a shared path such as $TMPDIR/qmpguard-demo-cache.
-        try:
-            cache = private_cache_dir()
-        except UnsafeCacheError as exc:
-            print(f"qmpguard demo: {exc}", file=sys.stderr)
-            return EXIT_REFUSED
-        except (OSError, RuntimeError):  # no usable home: build afresh for this run
-            cache = work / "build"
-            cache.mkdir(mode=0o700)
-        try:
-            so_path = build_emulation(cache)
-        except UnsafeCacheError as exc:
+            so_path = _emulation(work)
+        except (SocketPathTooLongError, UnsafeCacheError) as exc:
             print(f"qmpguard demo: {exc}", file=sys.stderr)
             return EXIT_REFUSED
         try:
-            for i, (name, first) in enumerate(DEMO_VMS):
-                sysfs = create_sysfs_device(
-                    work / name, VfioDeviceSpec(name=f"0000:0{i + 1}:00.0", group=40 + i)
-                )
-                vm = QemuProcess(
-                    args=demo_vm_args(name, sysfs, first),
-                    qmp_path=work / f"{name}.qmp",
-                    env=emulation_env(so_path, work / f"{name}.dma.log"),
-                    stderr_path=work / f"{name}.stderr",
-                )
-                vms.append(vm.start())
+            _start_vms(work, so_path, vms)
             results = asyncio.run(_inspect([vm.qmp_path for vm in vms]))
-            if fmt == "json":
-                print(json.dumps(report_json(results), indent=2))
-            else:
-                print(INTRO)
-                print(render_report(results))
-                print(OUTRO)
+            _print_report(results, fmt)
             if keep:
-                print(
-                    "VMs running; QMP sockets: "
-                    + ", ".join(str(v.qmp_path) for v in vms)
-                    + "\nCtrl-C to stop.",
-                    file=sys.stderr,
-                )
-                for vm in vms:
-                    assert vm.popen is not None
-                    vm.popen.wait()
+                _wait_while_kept(vms)
         finally:
             for vm in vms:
                 vm.stop()
         ok = demo_passed(results)
         if not ok:
-            for vm in vms:
-                err = vm.stderr_text().strip()
-                if err:
-                    print(f"{vm.qmp_path.stem}: {err.splitlines()[-1]}", file=sys.stderr)
-            print("qmpguard demo: the demo did not produce the expected verdicts", file=sys.stderr)
+            _explain_failure(vms)
         return 0 if ok else 1
