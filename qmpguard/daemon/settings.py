@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import re
 import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -141,63 +142,40 @@ def validate_listen(value: Any) -> str:
     return value
 
 
-def settings_from_toml(text: str, origin: str = "config") -> Settings:
-    """Parse and validate a TOML document; ConfigError with key and line on any problem."""
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{origin}: not valid TOML: {exc}") from None
-    except ValueError as exc:  # an integer past Python's int max str digits (4300)
-        raise ConfigError(f"{origin}: not usable TOML: {str(exc).split(':')[0]}") from None
-    key = ""
-    try:
-        out: dict[str, Any] = {}
-        known = {
-            "watch",
-            "target",
-            "libvirt_uris",
-            "discover",
-            "hold_watched",
-            "listen",
-            "interval",
-            "rescan_interval",
-            "concurrency",
-            "timeouts",
-            "http",
-        }
-        for key in doc:
-            if key not in known:
-                raise ValueError(f"unknown key '{key}'")
-        for key, value in doc.items():
-            if key == "watch":
-                out["watch"] = _strings(value, key)
-            elif key == "libvirt_uris":
-                out["libvirt_uris"] = _strings(value, key)
-            elif key == "discover":
-                out["discover"] = _strings(value, key)
-                unknown = sorted(set(out["discover"]) - DISCOVERY_SOURCES)
-                if unknown:
-                    raise ValueError(f"'discover' takes {sorted(DISCOVERY_SOURCES)}, not {unknown}")
-            elif key == "hold_watched":
-                if not isinstance(value, bool):
-                    raise ValueError("'hold_watched' must be true or false")
-                out["hold_watched"] = value
-            elif key == "listen":
-                out["listen"] = validate_listen(value)
-            elif key in ("interval", "rescan_interval"):
-                out[key] = float(check_number(value, key, INTERVAL))
-            elif key == "concurrency":
-                out[key] = check_number(value, key, CONCURRENCY)
-            elif key == "target":
-                out["targets"] = tuple(_static_target(t) for t in _table_list(value, key))
-            elif key == "timeouts":
-                out.update(_timeouts(value))
-            elif key == "http":
-                out.update(_http(value))
-    except ValueError as exc:
-        where = _line_of(text, key)
-        raise ConfigError(f"{origin}:{where} {exc}") from None
-    return Settings(**out)
+def _flag(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"'{key}' must be true or false")
+    return value
+
+
+def _path(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"'{key}' must be a path")
+    return value
+
+
+def _listen(value: Any, _key: str) -> str:
+    return validate_listen(value)
+
+
+def _interval(value: Any, key: str) -> float:
+    return float(check_number(value, key, INTERVAL))
+
+
+def _timeout(value: Any, key: str) -> float:
+    return float(check_number(value, key, TIMEOUT))
+
+
+def _concurrency(value: Any, key: str) -> int:
+    return int(check_number(value, key, CONCURRENCY))  # already an int: CONCURRENCY.integer
+
+
+def _sources(value: Any, key: str) -> tuple[str, ...]:
+    sources = _strings(value, key)
+    unknown = sorted(set(sources) - DISCOVERY_SOURCES)
+    if unknown:
+        raise ValueError(f"'{key}' takes {sorted(DISCOVERY_SOURCES)}, not {unknown}")
+    return sources
 
 
 def _table_list(value: Any, key: str) -> list[dict[str, Any]]:
@@ -225,49 +203,124 @@ def _static_target(table: dict[str, Any]) -> StaticTarget:
     return StaticTarget(address, hold)
 
 
-def _timeouts(table: Any) -> dict[str, float]:
-    if not isinstance(table, dict):
-        raise ValueError("'timeouts' must be a table")
-    names = {
-        "greeting": "greeting_timeout",
-        "command": "command_timeout",
-        "target": "target_timeout",
-    }
-    out = {}
-    for k, v in table.items():
-        if k not in names:
-            raise ValueError(f"unknown key 'timeouts.{k}'")
-        out[names[k]] = float(check_number(v, f"timeouts.{k}", TIMEOUT))
-    return out
+def _targets(value: Any, key: str) -> tuple[StaticTarget, ...]:
+    return tuple(_static_target(t) for t in _table_list(value, key))
 
 
-def _http(table: Any) -> dict[str, Any]:
-    if not isinstance(table, dict):
-        raise ValueError("'http' must be a table")
-    out: dict[str, Any] = {}
-    for k, v in table.items():
-        if k not in ("token_file", "tls_cert", "tls_key", "allow_unauthenticated"):
-            raise ValueError(f"unknown key 'http.{k}'")
-        if k == "allow_unauthenticated":
-            if not isinstance(v, bool):
-                raise ValueError("'http.allow_unauthenticated' must be true or false")
-            out[k] = v
-            continue
-        if not isinstance(v, str) or not v:
-            raise ValueError(f"'http.{k}' must be a path")
-        if k == "token_file":
-            try:
-                token = read_text_bounded(v, MAX_TOKEN_BYTES, "token file").strip()
-            except InputFileError as exc:
-                raise ValueError(f"'http.token_file': {exc}") from None
-            if len(token) < 16:
-                raise ValueError("'http.token_file': token shorter than 16 characters")
-            out["token"] = token
-        else:
-            out[k] = v
+def _token(value: Any, key: str) -> str:
+    """The token itself, read now: a missing or short token file fails at load, not
+    at the first request."""
+    path = _path(value, key)
+    try:
+        token = read_text_bounded(path, MAX_TOKEN_BYTES, "token file").strip()
+    except InputFileError as exc:
+        raise ValueError(f"'{key}': {exc}") from None
+    if len(token) < 16:
+        raise ValueError(f"'{key}': token shorter than 16 characters")
+    return token
+
+
+#: A check takes a TOML value and its dotted key (for the message); it returns the
+#: value for Settings or raises ValueError naming the key.
+Check = Callable[[Any, str], Any]
+
+
+@dataclass(frozen=True)
+class Key:
+    """One TOML key: the Settings field it fills and the check its value must pass."""
+
+    field: str
+    check: Check
+
+    def apply(self, value: Any, key: str) -> dict[str, Any]:
+        return {self.field: self.check(value, key)}
+
+
+@dataclass(frozen=True)
+class Section:
+    """A [table] of keys, checked in file order (the first bad key is the one named);
+    `together` then checks what the keys say between them."""
+
+    keys: Mapping[str, Key]
+    together: Callable[[dict[str, Any]], None] = lambda out: None
+
+    def apply(self, table: Any, name: str) -> dict[str, Any]:
+        if not isinstance(table, dict):
+            raise ValueError(f"'{name}' must be a table")
+        out: dict[str, Any] = {}
+        for k, v in table.items():
+            if k not in self.keys:
+                raise ValueError(f"unknown key '{name}.{k}'")
+            out.update(self.keys[k].apply(v, f"{name}.{k}"))
+        self.together(out)
+        return out
+
+
+def _tls_pair(out: dict[str, Any]) -> None:
+    """A certificate without its key (or the reverse) cannot serve TLS."""
     if ("tls_cert" in out) != ("tls_key" in out):
         raise ValueError("'http.tls_cert' and 'http.tls_key' go together")
-    return out
+
+
+_TIMEOUTS = Section(
+    {
+        "greeting": Key("greeting_timeout", _timeout),
+        "command": Key("command_timeout", _timeout),
+        "target": Key("target_timeout", _timeout),
+    }
+)
+_HTTP = Section(
+    {
+        "token_file": Key("token", _token),
+        "tls_cert": Key("tls_cert", _path),
+        "tls_key": Key("tls_key", _path),
+        "allow_unauthenticated": Key("allow_unauthenticated", _flag),
+    },
+    together=_tls_pair,
+)
+#: Every top-level key of the config file: one table, so a new setting is one line here.
+_TOP_LEVEL: dict[str, Key | Section] = {
+    "watch": Key("watch", _strings),
+    "target": Key("targets", _targets),
+    "libvirt_uris": Key("libvirt_uris", _strings),
+    "discover": Key("discover", _sources),
+    "hold_watched": Key("hold_watched", _flag),
+    "listen": Key("listen", _listen),
+    "interval": Key("interval", _interval),
+    "rescan_interval": Key("rescan_interval", _interval),
+    "concurrency": Key("concurrency", _concurrency),
+    "timeouts": _TIMEOUTS,
+    "http": _HTTP,
+}
+
+
+def _parse(text: str, origin: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{origin}: not valid TOML: {exc}") from None
+    except ValueError as exc:  # an integer past Python's int max str digits (4300)
+        raise ConfigError(f"{origin}: not usable TOML: {str(exc).split(':')[0]}") from None
+
+
+def settings_from_toml(text: str, origin: str = "config") -> Settings:
+    """Parse and validate a TOML document; ConfigError with key and line on any problem.
+
+    Every top-level key must be known before any value is checked, so a misspelt
+    key is the one reported even after a bad value; the rules are the tables above.
+    """
+    doc = _parse(text, origin)
+    key = ""  # the key being checked: its line goes in the message
+    out: dict[str, Any] = {}
+    try:
+        for key in doc:
+            if key not in _TOP_LEVEL:
+                raise ValueError(f"unknown key '{key}'")
+        for key, value in doc.items():
+            out.update(_TOP_LEVEL[key].apply(value, key))
+    except ValueError as exc:
+        raise ConfigError(f"{origin}:{_line_of(text, key)} {exc}") from None
+    return Settings(**out)
 
 
 def load_settings(path: str | None, overrides: dict[str, Any]) -> Settings:
