@@ -39,7 +39,7 @@ from qmpguard.snapshot import (
     load_snapshot,
     write_json_atomically,
 )
-from qmpguard.targets import TargetError, parse_target
+from qmpguard.targets import Target, TargetError, parse_target
 
 EPILOG = """\
 exit codes (monitoring-plugin convention):
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument(
         "--format",
-        choices=["table", "json", "tree", "nagios", "prometheus"],
+        choices=list(RENDERERS),
         default="table",
         help="table (default), json (qmpguard.report/1), tree (the PCI "
         "topology with DMA spaces; colour on a TTY unless NO_COLOR is set), nagios "
@@ -184,45 +184,56 @@ def _timeouts(args: argparse.Namespace) -> Timeouts:
     return Timeouts(greeting=args.greeting_timeout, command=args.command_timeout)
 
 
+#: `check --format`: how a list of results becomes the report text.
+RENDERERS: dict[str, Callable[[list[TargetResult]], str]] = {
+    "table": render_report,
+    "json": lambda results: json.dumps(report_json(results), indent=2) + "\n",
+    "tree": render_tree,
+    "nagios": render_nagios,
+    "prometheus": render_prometheus,
+}
+
+
+def _targets(args: argparse.Namespace) -> list[Target]:
+    """The targets named on the command line plus, with --libvirt-all, every running
+    domain (TargetError/InspectionError: a usage error, nothing is inspected)."""
+    targets = [parse_target(t) for t in args.targets]
+    if args.libvirt_all:
+        targets += running_domains(args.libvirt_uri)
+    return targets
+
+
+def _snapshot_result(path: str) -> TargetResult:
+    """One `--snapshot FILE` analysed; a file that cannot be read is an uninspected
+    target in the report (not an abort), so the other targets are still reported."""
+    try:
+        snap = load_snapshot(path)
+    except SnapshotError as exc:
+        print(f"qmpguard: error: {exc}", file=sys.stderr)
+        reason = (
+            ErrorReason.UNSUPPORTED_SNAPSHOT
+            if isinstance(exc, UnsupportedSnapshot)
+            else ErrorReason.BAD_SNAPSHOT
+        )
+        return TargetResult(path, None, None, InspectionError(reason, str(exc)))
+    return analyse_snapshot(snap.target, snap)
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     if not args.targets and not args.snapshot and not args.libvirt_all:
         print("qmpguard: error: give a TARGET, --snapshot FILE or --libvirt-all", file=sys.stderr)
         return EXIT_UNKNOWN
     try:
-        targets = [parse_target(t) for t in args.targets]
-        if args.libvirt_all:
-            targets += running_domains(args.libvirt_uri)
+        targets = _targets(args)
     except (TargetError, InspectionError) as exc:
         print(f"qmpguard: error: {exc}", file=sys.stderr)
         return EXIT_UNKNOWN
-    results: list[TargetResult] = []
-    for path in args.snapshot:
-        try:
-            snap = load_snapshot(path)
-        except SnapshotError as exc:
-            print(f"qmpguard: error: {exc}", file=sys.stderr)
-            reason = (
-                ErrorReason.UNSUPPORTED_SNAPSHOT
-                if isinstance(exc, UnsupportedSnapshot)
-                else ErrorReason.BAD_SNAPSHOT
-            )
-            results.append(TargetResult(path, None, None, InspectionError(reason, str(exc))))
-            continue
-        results.append(analyse_snapshot(snap.target, snap))
+    results = [_snapshot_result(path) for path in args.snapshot]
     if targets:
         results += asyncio.run(
             inspect_many(targets, args.concurrency, _timeouts(args), args.timeout)
         )
-    if args.format == "json":
-        report = json.dumps(report_json(results), indent=2) + "\n"
-    elif args.format == "tree":
-        report = render_tree(results)
-    elif args.format == "nagios":
-        report = render_nagios(results)
-    elif args.format == "prometheus":
-        report = render_prometheus(results)
-    else:
-        report = render_report(results)
+    report = RENDERERS[args.format](results)
     verdict = exit_code(results)
     if args.output is not None:
         return verdict if write_report_file(args.output, report) else EXIT_UNKNOWN
