@@ -316,6 +316,28 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     return scheduling
 
 
+#: `-n auto` (pyproject's addopts): one worker per core this process may run on, at most
+#: this many. Each worker starts its own QEMUs; past four the suite waits on its longest
+#: tests, not on cores, and timing tests (deadlines, rescans) get a crowded machine.
+MAX_WORKERS = 4
+
+#: Modules whose tests run for tens of seconds each (many QEMUs per test): scheduled first,
+#: so under pytest-xdist the short tests fill the other workers around them instead of a
+#: long test starting last and running alone.
+LONG_MODULES = ("test_preflight_generated.py", "test_generated.py")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """Workers for `-n auto`: the usable cores (cgroup/affinity aware), capped."""
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """LONG_MODULES' tests first, everything else in its collected order."""
+    items.sort(key=lambda item: item.path.name not in LONG_MODULES)
+
+
 #: How the suite's skip reasons say the machine lacks something (not that a QEMU version
 #: lacks a feature, which every full run skips the same way).
 MISSING_PREREQUISITE = ("not installed", "no libvirtd", "needs root", "no system QEMU")
