@@ -51,6 +51,8 @@ RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.EN
 Inspect = Callable[..., Awaitable[TargetResult]]
 OpenSession = Callable[..., contextlib.AbstractAsyncContextManager[Any]]
 Pause = Callable[[asyncio.Event, float], Awaitable[None]]
+#: VMs found by discovery: name -> (target, source, hold).
+Found = dict[str, tuple[Target, str, bool]]
 
 
 #: The inspection-error reason every unexpected fault is counted under (metric label).
@@ -205,26 +207,52 @@ class Scheduler:
                 entry.poke.set()
 
     # ---------------------------------------------------------------- discovery
-    async def discover(self) -> dict[str, tuple[Target, str, bool]]:
-        found: dict[str, tuple[Target, str, bool]] = {}
+    async def discover(self) -> Found:
+        """Every VM to watch now, by name. Sources are asked in order and a later one
+        wins a name (config over a watched socket, libvirt over config), except /proc:
+        a QEMU process found there is taken only if no other source knows it."""
+        found: Found = {}
+        found.update(self._watched_sockets())
+        found.update(self._configured())
+        found.update(await self._libvirt_domains())
+        for name, entry in (await self._qemu_processes()).items():
+            found.setdefault(name, entry)
+        return found
+
+    def _watched_sockets(self) -> Found:
+        found: Found = {}
         for pattern in self.settings.watch:
             for path in sorted(glob.glob(pattern)):
                 if socket_identity(path) is not None:
                     t = Target("unix", path)
                     found[t.name] = (t, "watch", self.settings.hold_watched)
+        return found
+
+    def _configured(self) -> Found:
+        found: Found = {}
         for static in self.settings.targets:
             t = parse_target(static.target)
             found[t.name] = (t, "config", static.hold)
+        return found
+
+    async def _libvirt_domains(self) -> Found:
+        """Running domains of every URI that answers; one that does not is logged once
+        (not every rescan) and contributes nothing until it answers again."""
+        found: Found = {}
         for uri in self.settings.libvirt_uris:
             try:
                 for t in await asyncio.to_thread(running_domains, uri):
                     found[t.name] = (t, "libvirt", False)
                 self._libvirt_errors.discard(uri)
             except InspectionError as exc:
-                if uri not in self._libvirt_errors:  # say it once, not every rescan
+                if uri not in self._libvirt_errors:
                     log.warning("libvirt_unavailable", uri=uri, error=exc.message)
                     self._libvirt_errors.add(uri)
-        if "proc" in self.settings.discover:  # QEMU processes; other sources take precedence
+        return found
+
+    async def _qemu_processes(self) -> Found:
+        found: Found = {}
+        if "proc" in self.settings.discover:
             for t in await self._processes():
                 found.setdefault(t.name, (t, "proc", False))
         return found
@@ -237,29 +265,37 @@ class Scheduler:
             if name not in found and not self._still_listening(self.watched[name]):
                 await self._drop(name)
         for name, (target, source, hold) in found.items():
-            ident = socket_identity(target.address) if target.kind == "unix" else None
             entry = self.watched.get(name)
-            if entry is not None:
-                entry.patterns = self.settings.watch  # still found under the globs in force
+            ident = socket_identity(target.address) if target.kind == "unix" else None
             if entry is None:
-                entry = Watched(target, source, hold, ident, self.settings.watch)
-                self.watched[name] = entry
-                self.store.add(name, source)
-                self._start(entry)
-            elif ident is not None and ident != entry.identity:
-                # Same path, new socket: a new QEMU. Forget the old verdicts, look now.
-                entry.identity = ident
-                self.store.forget_result(name)
-                await self._end(entry)
-                self._start(entry)
-            elif hold != entry.hold:
-                # `hold` changed (reload): the same VM, watched the other way from now.
-                entry.hold = hold
-                await self._end(entry)
-                self._start(entry)
-            elif entry.task is None or entry.task.done():
-                log.error("watch_restarted", vm=name)  # cannot happen; if it does, heal
-                self._start(entry)
+                self._watch_new(name, Watched(target, source, hold, ident, self.settings.watch))
+            else:
+                await self._refresh(entry, hold, ident)
+
+    def _watch_new(self, name: str, entry: Watched) -> None:
+        self.watched[name] = entry
+        self.store.add(name, entry.source)
+        self._start(entry)
+
+    async def _refresh(self, entry: Watched, hold: bool, ident: tuple[int, int] | None) -> None:
+        """Bring a VM found again up to date: restart its watch when it is a new QEMU or
+        is to be watched the other way, and heal a watch that ended."""
+        name = entry.target.name
+        entry.patterns = self.settings.watch  # still found under the globs in force
+        if ident is not None and ident != entry.identity:
+            # Same path, new socket: a new QEMU. Forget the old verdicts, look now.
+            entry.identity = ident
+            self.store.forget_result(name)
+            await self._end(entry)
+            self._start(entry)
+        elif hold != entry.hold:
+            # `hold` changed (reload): the same VM, watched the other way from now.
+            entry.hold = hold
+            await self._end(entry)
+            self._start(entry)
+        elif entry.task is None or entry.task.done():
+            log.error("watch_restarted", vm=name)  # cannot happen; if it does, heal
+            self._start(entry)
 
     def _still_listening(self, entry: Watched) -> bool:
         """glob() answers [] when it cannot list a directory (no fd left, EMFILE): a watched
