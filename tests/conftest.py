@@ -291,7 +291,12 @@ def rewrite_readme_table(readme: Path, table: str) -> ReadmeTable:
 #: or destroys meanwhile would enter (or vanish from) their results.
 XDIST_GROUPS = {
     "libvirtd": frozenset(
-        {"test_libvirt.py", "test_discovery_libvirt.py", "test_preflight_libvirt.py"}
+        {
+            "test_libvirt.py",
+            "test_discovery_libvirt.py",
+            "test_preflight_libvirt.py",
+            "test_libvirt_xml_native.py",
+        }
     ),
 }
 

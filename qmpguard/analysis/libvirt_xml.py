@@ -3,7 +3,9 @@
 Only what decides DMA binding is rendered, in libvirt's order (checked against
 `virsh domxml-to-native` of libvirt 9.0 with QEMU 7.2): the machine, then every device
 as JSON `-device` with its id and guest address, the vIOMMU (`<iommu>`, id iommu0)
-first, the PCI controllers next (pci.N on bus pci.M), then the other devices, hostdevs
+first, the PCI controllers next (pci.N on bus pci.M), the other controllers with a PCI
+address (usb, scsi, virtio-serial; not the machine's own sata/ide), then the other
+devices, hostdevs
 as vfio-pci; then the `<qemu:commandline>` arguments verbatim; then `-msg timestamp=on`,
 libvirt's last option. That is how a vIOMMU given in <qemu:commandline> lands after
 every device libvirt creates -- and why a key=val `-device` there is realized before
@@ -101,7 +103,8 @@ def domain_argv(text: str) -> DomainArgv:
     not a domain XML qmpguard can read).
 
     Rendered in libvirt's order: the vIOMMU first (it may be a machine option instead),
-    the PCI controllers by index, then the other devices in document order.
+    the PCI controllers by index, the other controllers, then the other devices in
+    document order.
     """
     dom = _parse_domain(text)
     name = (dom.findtext("name") or "").strip() or "domain"
@@ -116,6 +119,7 @@ def domain_argv(text: str) -> DomainArgv:
         _iommu(r, iommu, machine_opts)
     for c in _pci_controllers(devices):
         _controller(r, c)
+    _device_controllers(r, devices)
     _endpoints(r, devices)
     argv = [emulator, "-name", f"guest={name},debug-threads=on", "-S"]
     argv += ["-machine", ",".join(machine_opts), "-nodefaults"]
@@ -160,8 +164,24 @@ def _pci_controllers(devices: ET.Element) -> list[ET.Element]:
     return sorted(pci, key=lambda c: _int(c.get("index")))
 
 
+#: Controllers the machine itself creates, for which libvirt writes no -device: q35's
+#: AHCI (00:1f.2) and i440fx's PIIX3 IDE. Seen in `virsh domxml-to-native` of libvirt
+#: 9.0: a usb, scsi or virtio-serial controller is a -device, these two are not.
+_BUILT_IN_CONTROLLERS = frozenset({("sata", 0), ("ide", 0)})
+
+
+def _device_controllers(r: _Render, devices: ET.Element) -> None:
+    """The controllers libvirt creates with -device other than PCI ones (usb, scsi,
+    virtio-serial...), in document order: PCI functions like any endpoint, which may
+    share a requester ID with a vfio device behind a conventional bridge."""
+    for el in devices.findall("controller"):
+        key = (el.get("type") or "", _int(el.get("index")))
+        if key[0] != "pci" and key not in _BUILT_IN_CONTROLLERS:
+            _other(r, el)
+
+
 def _endpoints(r: _Render, devices: ET.Element) -> None:
-    """Every device other than the vIOMMU and PCI controllers, in document order.
+    """Every device other than the vIOMMU and controllers, in document order.
 
     Hostdevs are numbered hostdev0, hostdev1, ... over all of them (libvirt's aliases),
     though only PCI ones become vfio-pci devices.

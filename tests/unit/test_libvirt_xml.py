@@ -130,6 +130,39 @@ def test_smmuv3_is_a_machine_option() -> None:
             id="hostdev-numbering",
         ),
         pytest.param(
+            "usb, scsi and virtio-serial controllers after the PCI ones, before endpoints",
+            "<interface type='user'><model type='virtio'/><alias name='net0'/>"
+            + pci(1, 0)
+            + "</interface>"
+            "<controller type='usb' index='0' model='qemu-xhci'><alias name='usb'/>"
+            + pci(2, 0)
+            + "</controller>"
+            "<controller type='pci' index='1' model='pcie-root-port'>" + pci(0, 2) + "</controller>"
+            "<controller type='scsi' index='0' model='virtio-scsi'><alias name='scsi0'/>"
+            + pci(3, 0)
+            + "</controller>",
+            ["pci.1", "usb", "scsi0", "net0"],
+            id="device-controllers",
+        ),
+        pytest.param(
+            "the machine's own AHCI and IDE are not -devices (libvirt writes none)",
+            "<controller type='sata' index='0'><alias name='ide'/>"
+            + pci(0, 0x1F, 2)
+            + "</controller>"
+            "<controller type='ide' index='0'><alias name='ide'/>" + pci(0, 1, 1) + "</controller>"
+            "<controller type='sata' index='1'><alias name='sata1'/>" + pci(0, 5) + "</controller>",
+            ["sata1"],
+            id="built-in-controllers",
+        ),
+        pytest.param(
+            "a controller without a PCI address is not a PCI device",
+            "<controller type='usb' index='0' model='none'/>"
+            "<controller type='virtio-serial' index='0'><alias name='virtio-serial0'/>"
+            "<address type='virtio-mmio'/></controller>",
+            [],
+            id="controller-without-pci-address",
+        ),
+        pytest.param(
             "the root controller and index 0 create no device",
             "<controller type='pci' index='0' model='pcie-root'/>"
             "<controller type='pci' index='0' model='pcie-root-port'/>",
@@ -240,3 +273,20 @@ def test_unknown_viommu_model_is_noted() -> None:
     dom = domain_argv(xml("<iommu model='riscv'/>"))
     assert device_options(dom.argv) == []
     assert dom.notes == ("<iommu model='riscv'> is unknown to qmpguard",)
+
+
+@pytest.mark.parametrize(
+    ("controller", "driver"),
+    [
+        ("<controller type='usb' model='qemu-xhci'>", "qemu-xhci"),
+        ("<controller type='usb' model='nec-xhci'>", "nec-usb-xhci"),
+        ("<controller type='scsi' model='virtio-scsi'>", "virtio-scsi-pci"),
+        ("<controller type='virtio-serial'>", "virtio-serial-pci"),
+        ("<controller type='sata' index='1'>", "ich9-ahci"),
+    ],
+)
+def test_device_controller_drivers(controller: str, driver: str) -> None:
+    """The QEMU type libvirt runs for each (as `virsh domxml-to-native` writes it)."""
+    devices = controller + pci(0, 5) + "</controller>"
+    opts = device_options(domain_argv(xml(devices, "<os><type machine='q35'/></os>")).argv)
+    assert [(o["driver"], o["addr"]) for o in opts] == [(driver, "0x5")]
