@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,27 +37,44 @@ class Target:
         return host.strip("[]"), int(port)
 
 
+def _unix(text: str, path: str) -> Target:
+    if not path:
+        raise TargetError("unix: target without a path")
+    return Target("unix", path)
+
+
+def _tcp(text: str, hostport: str) -> Target:
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise TargetError(f"tcp target must be tcp:HOST:PORT, got {text!r}")
+    return Target("tcp", hostport)
+
+
+def _libvirt(text: str, rest: str) -> Target:
+    dom, _, uri = rest.partition("@")
+    if not dom:
+        raise TargetError("libvirt target must be libvirt:DOMAIN[@URI]")
+    return Target("libvirt", dom, uri or DEFAULT_LIBVIRT_URI)
+
+
+#: A target's explicit kind prefix and how the rest is read (TargetError if it cannot).
+_PREFIXES: tuple[tuple[str, Callable[[str, str], Target]], ...] = (
+    ("unix:", _unix),
+    ("tcp:", _tcp),
+    ("libvirt:", _libvirt),
+)
+
+
 def parse_target(text: str) -> Target:
-    """Parse one target string; raise TargetError with a one-line reason."""
+    """Parse one target string; raise TargetError with a one-line reason.
+
+    A bare socket path (absolute, relative with ./ or ../, or ending in .qmp/.sock) is
+    a unix target, so a path from `ps` or libvirt's XML can be pasted as it is."""
     if not text or text != text.strip():
         raise TargetError(f"empty or padded target: {text!r}")
-    if text.startswith("unix:"):
-        path = text[5:]
-        if not path:
-            raise TargetError("unix: target without a path")
-        return Target("unix", path)
-    if text.startswith("tcp:"):
-        hostport = text[4:]
-        host, sep, port = hostport.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise TargetError(f"tcp target must be tcp:HOST:PORT, got {text!r}")
-        return Target("tcp", hostport)
-    if text.startswith("libvirt:"):
-        rest = text[8:]
-        dom, _, uri = rest.partition("@")
-        if not dom:
-            raise TargetError("libvirt target must be libvirt:DOMAIN[@URI]")
-        return Target("libvirt", dom, uri or DEFAULT_LIBVIRT_URI)
+    for prefix, parse in _PREFIXES:
+        if text.startswith(prefix):
+            return parse(text, text[len(prefix) :])
     if text.startswith(("/", "./", "../")) or text.endswith((".qmp", ".sock")):
         return Target("unix", text)
     raise TargetError(
