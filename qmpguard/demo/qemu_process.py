@@ -42,6 +42,16 @@ def check_socket_path(path: Path) -> None:
         raise SocketPathTooLongError(path)
 
 
+def _monitor_args(fd: int, chardev: tuple[str, Path]) -> list[str]:
+    """A QMP monitor on the socket the child already listens on at `fd`."""
+    return [
+        "-chardev",
+        f"socket,id={chardev[0]},fd={fd},server=on,wait=off",
+        "-mon",
+        f"chardev={chardev[0]},mode=control",
+    ]
+
+
 def qemu_binary(default: str = DEFAULT_QEMU) -> str:
     """The QEMU binary to use: $QMPGUARD_TEST_QEMU if set, else `default` on PATH."""
     return os.environ.get("QMPGUARD_TEST_QEMU") or default
@@ -69,44 +79,17 @@ class QemuProcess:
         """
         if shutil.which(self.binary) is None and not Path(self.binary).exists():
             raise FileNotFoundError(f"QEMU binary not found: {self.binary}")
-        for path in (self.qmp_path, self.setup_qmp_path):
-            if path is not None:
-                check_socket_path(path)
-        self.qmp_path.parent.mkdir(parents=True, exist_ok=True)
-        if self.qmp_path.exists() or self.qmp_path.is_symlink():
-            self.qmp_path.unlink()
-        sockets = {_QMP_FD: str(self.qmp_path)}
-        monitors = [
-            "-chardev",
-            f"socket,id=qmpguard-mon,fd={_QMP_FD},server=on,wait=off",
-            "-mon",
-            "chardev=qmpguard-mon,mode=control",
-        ]
-        if self.setup_qmp_path is not None:
-            self.setup_qmp_path.unlink(missing_ok=True)
-            sockets[_SETUP_FD] = str(self.setup_qmp_path)
-            monitors += [
-                "-chardev",
-                f"socket,id=setup-mon,fd={_SETUP_FD},server=on,wait=off",
-                "-mon",
-                "chardev=setup-mon,mode=control",
-            ]
+        sockets = self._sockets()
+        monitors = [arg for fd, chardev in sockets.items() for arg in _monitor_args(fd, chardev)]
 
         def listen_in_child() -> None:
-            for fd, path in sockets.items():
+            for fd, (_, path) in sockets.items():
                 listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                listener.bind(path)
+                listener.bind(str(path))
                 listener.listen(16)
                 os.dup2(listener.fileno(), fd, inheritable=True)
 
-        cmd = [
-            self.binary,
-            "-nodefaults",
-            "-display",
-            "none",
-            *monitors,
-            *self.args,
-        ]
+        cmd = [self.binary, "-nodefaults", "-display", "none", *monitors, *self.args]
         env = {**os.environ, **self.env} if self.env is not None else None
         with contextlib.ExitStack() as stack:
             err: Any = subprocess.DEVNULL
@@ -123,6 +106,18 @@ class QemuProcess:
                 preexec_fn=listen_in_child,
             )
         return self
+
+    def _sockets(self) -> dict[int, tuple[str, Path]]:
+        """fd -> (chardev id, path) of each monitor socket: checked bindable (before fork,
+        SocketPathTooLongError) and any stale file at its path removed."""
+        sockets = {_QMP_FD: ("qmpguard-mon", self.qmp_path)}
+        if self.setup_qmp_path is not None:
+            sockets[_SETUP_FD] = ("setup-mon", self.setup_qmp_path)
+        for _, path in sockets.values():
+            check_socket_path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.unlink(missing_ok=True)
+        return sockets
 
     @property
     def pid(self) -> int:
