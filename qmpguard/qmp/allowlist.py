@@ -7,7 +7,7 @@ before a single byte is written.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 #: Exact QMP commands allowed besides the `query-*` family. Deliberately absent:
@@ -39,45 +39,56 @@ FORBIDDEN_QOM_GETS: frozenset[tuple[str, str]] = frozenset({("/machine", "iommu"
 #: virtio-iommu-pci ends QEMU in virt_get_iommu's g_assert_not_reached).
 FORBIDDEN_LIST_GET_PATHS: frozenset[str] = frozenset(path for path, _ in FORBIDDEN_QOM_GETS)
 
-#: QOM path arguments of these commands; QEMU resolves a relative one by searching the whole
-#: tree ("machine" is /machine) and skips empty components ("/machine/" is /machine).
-_PATH_COMMANDS = frozenset({"qom-list", "qom-get"})
-
 
 class ForbiddenCommand(Exception):
     """A command outside the allow-list was about to be sent."""
 
 
 def check_command(command: str, arguments: Mapping[str, Any] | None = None) -> None:
-    """Raise ForbiddenCommand unless `command` with `arguments` is read-only."""
+    """Raise ForbiddenCommand unless `command` with `arguments` is read-only.
+
+    A command is allowed by name (ALLOWED_COMMANDS, `query-*`, or an allowed HMP line);
+    the commands that take a QOM path or an HMP line also have their arguments checked
+    (ARGUMENT_CHECKS), since a read-only name can still reach a getter that aborts QEMU.
+    """
     if not isinstance(command, str):
         raise ForbiddenCommand(f"command name is not a string: {command!r}")
-    if command == "human-monitor-command":
-        line = (arguments or {}).get("command-line")
-        if not isinstance(line, str) or not any(p.fullmatch(line) for p in ALLOWED_HMP):
-            raise ForbiddenCommand(f"HMP line not allowed: {line!r}")
-        if set(arguments or {}) - {"command-line"}:
-            raise ForbiddenCommand("human-monitor-command with extra arguments")
-        return
-    if command in _PATH_COMMANDS:
-        args = arguments or {}
-        path = _qom_path(args.get("path"))
-        if command == "qom-get" and (path, args.get("property")) in FORBIDDEN_QOM_GETS:
-            raise ForbiddenCommand(f"qom-get known to abort QEMU: {dict(args)!r}")
-    if command == "qom-list-get":
-        _check_list_get(arguments or {})
-    if command in ALLOWED_COMMANDS:
+    check_arguments = ARGUMENT_CHECKS.get(command)
+    if check_arguments is not None:
+        check_arguments(arguments or {})
+    if command in ALLOWED_COMMANDS or command == "human-monitor-command":
         return
     if _QUERY_NAME.fullmatch(command):
         return
     raise ForbiddenCommand(f"QMP command not allowed (qmpguard is read-only): {command!r}")
 
 
+def _check_hmp(arguments: Mapping[str, Any]) -> None:
+    """Exactly one HMP line, and one of ALLOWED_HMP."""
+    line = arguments.get("command-line")
+    if not isinstance(line, str) or not any(p.fullmatch(line) for p in ALLOWED_HMP):
+        raise ForbiddenCommand(f"HMP line not allowed: {line!r}")
+    if set(arguments) - {"command-line"}:
+        raise ForbiddenCommand("human-monitor-command with extra arguments")
+
+
+def _check_qom_list(arguments: Mapping[str, Any]) -> None:
+    _qom_path(arguments.get("path"))
+
+
+def _check_qom_get(arguments: Mapping[str, Any]) -> None:
+    """An absolute path, and not a property whose getter aborts QEMU."""
+    path = _qom_path(arguments.get("path"))
+    if (path, arguments.get("property")) in FORBIDDEN_QOM_GETS:
+        raise ForbiddenCommand(f"qom-get known to abort QEMU: {dict(arguments)!r}")
+
+
 def _qom_path(path: object) -> str:
     """`path` as QEMU resolves it, for absolute paths; ForbiddenCommand for anything else.
 
     Only absolute paths are allowed, so a forbidden object cannot be reached under another
-    spelling (a relative path is a search of the whole tree).
+    spelling: QEMU resolves a relative path by searching the whole tree ("machine" is
+    /machine) and skips empty components ("/machine/" is /machine).
     """
     if not isinstance(path, str) or not path.startswith("/"):
         raise ForbiddenCommand(f"QOM path is not absolute: {path!r}")
@@ -93,3 +104,12 @@ def _check_list_get(arguments: Mapping[str, Any]) -> None:
     for path in paths:
         if _qom_path(path) in FORBIDDEN_LIST_GET_PATHS:
             raise ForbiddenCommand(f"qom-list-get of {path!r} would call a getter that aborts QEMU")
+
+
+#: Per-command argument checks, run before the command name is judged.
+ARGUMENT_CHECKS: dict[str, Callable[[Mapping[str, Any]], None]] = {
+    "human-monitor-command": _check_hmp,
+    "qom-list": _check_qom_list,
+    "qom-get": _check_qom_get,
+    "qom-list-get": _check_list_get,
+}
