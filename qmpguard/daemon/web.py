@@ -23,6 +23,7 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -371,8 +372,22 @@ def build_app(
 ) -> web.Application:
     """The aiohttp application; with a token, every path but /healthz needs it. A
     callable `token` is asked on every request: a reload (SIGHUP) changes it at once."""
-    fixed = None if callable(token) else token
-    current_token: Callable[[], str | None] = token if callable(token) else (lambda: fixed)
+    current_token: Callable[[], str | None] = token if callable(token) else (lambda: token)
+    endpoints = Endpoints(store, registry)
+    app = web.Application(middlewares=[require_token(current_token)], client_max_size=64 * 1024)
+    app.on_response_prepare.append(_no_server_header)
+    app.router.add_get("/healthz", endpoints.healthz)
+    app.router.add_get("/metrics", endpoints.metrics)
+    app.router.add_get("/api/v1/vms", endpoints.vms)
+    app.router.add_get("/api/v1/vms/{name:.+}", endpoints.vm)
+    app.router.add_get("/vms/{name:.+}", endpoints.page)
+    app.router.add_get("/", endpoints.index)
+    return app
+
+
+def require_token(current_token: Callable[[], str | None]) -> Middleware:
+    """Middleware: 401 unless the request carries the bearer token asked for now (none
+    asked: everything is open; /healthz is always open, for probes)."""
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -386,42 +401,45 @@ def build_app(
                 )
         return await handler(request)
 
-    async def healthz(_: web.Request) -> web.Response:
+    return auth
+
+
+async def _no_server_header(_: web.Request, response: web.StreamResponse) -> None:
+    """aiohttp's default Server header names its own and Python's version."""
+    response.headers["Server"] = "qmpguard"
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """The request handlers: each only reads the store (or the registry built over it)."""
+
+    store: ResultStore
+    registry: CollectorRegistry
+
+    async def healthz(self, _: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
-    async def metrics(_: web.Request) -> web.Response:
-        body = generate_latest(registry)
+    async def metrics(self, _: web.Request) -> web.Response:
+        body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    async def vms(_: web.Request) -> web.Response:
-        return web.json_response([r.summary() for _, r in sorted(store.vms.items())])
+    async def vms(self, _: web.Request) -> web.Response:
+        return web.json_response([r.summary() for _, r in sorted(self.store.vms.items())])
 
-    async def vm(request: web.Request) -> web.Response:
-        doc = store.document(request.match_info["name"])
+    async def vm(self, request: web.Request) -> web.Response:
+        doc = self.store.document(request.match_info["name"])
         if doc is None:
             return web.json_response({"error": "no such VM"}, status=404)
         return web.json_response(doc)
 
-    async def page(request: web.Request) -> web.Response:
+    async def page(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        if name not in store.vms:
+        if name not in self.store.vms:
             return web.Response(status=404, text="no such VM\n")
-        return web.Response(text=vm_page(name, store.vms[name].shown()), content_type="text/html")
+        html = vm_page(name, self.store.vms[name].shown())
+        return web.Response(text=html, content_type="text/html")
 
-    async def index(request: web.Request) -> web.Response:
+    async def index(self, request: web.Request) -> web.Response:
         only = request.query.get("problems") == "1"
-        page = status_page(store.vms.values(), time.time(), problems_only=only)
+        page = status_page(self.store.vms.values(), time.time(), problems_only=only)
         return web.Response(text=page, content_type="text/html")
-
-    async def no_server_header(_: web.Request, response: web.StreamResponse) -> None:
-        response.headers["Server"] = "qmpguard"
-
-    app = web.Application(middlewares=[auth], client_max_size=64 * 1024)
-    app.on_response_prepare.append(no_server_header)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/api/v1/vms", vms)
-    app.router.add_get("/api/v1/vms/{name:.+}", vm)
-    app.router.add_get("/vms/{name:.+}", page)
-    app.router.add_get("/", index)
-    return app
