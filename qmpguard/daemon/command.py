@@ -9,7 +9,7 @@ import logging
 import signal
 import ssl
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -230,11 +230,12 @@ class Reloader:
         return None
 
     def _apply(self, new: Settings, new_tls: ssl.SSLContext | None) -> None:
-        """Apply a loaded config unless, with `listen` unchanged, it would serve that
-        address beyond loopback without a token (exposure_problem)."""
+        """Apply a loaded config unless it would serve the address the daemon is bound to
+        beyond loopback without a token (exposure_problem). A new `listen` only takes
+        effect at a restart, so the running address decides, whatever the file says."""
         old = self.scheduler.settings
-        problem = exposure_problem(new, self.loopback) if old.listen == new.listen else None
-        if problem is not None:  # the address we keep serving on decides
+        problem = exposure_problem(replace(new, listen=old.listen), self.loopback)
+        if problem is not None:
             log.error("config_reload_failed", error=problem, keeping="previous config")
             return
         self.scheduler.reconfigure(new)

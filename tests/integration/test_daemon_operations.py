@@ -321,6 +321,37 @@ def test_beyond_loopback_without_a_token_is_refused_unless_allowed(
     assert events.count("http_unauthenticated") == 1
 
 
+def test_a_reload_cannot_drop_the_token_of_an_exposed_daemon_by_moving_listen(
+    tmp_path: Path,
+) -> None:
+    """Serving 0.0.0.0 with a token, a reload that removes the token *and* names another
+    `listen` is refused: `listen` needs a restart, so the daemon would have gone on
+    serving 0.0.0.0 unauthenticated (it did before: the check ran only for an unchanged
+    `listen`)."""
+    token = "exposed-token-0123456789"
+    (tmp_path / "daemon.token").write_text(token + "\n")
+    config = tmp_path / "daemon.toml"
+    port = free_port()
+    config.write_text(
+        f'listen = "0.0.0.0:{port}"\nwatch = []\n[http]\ntoken_file = "{tmp_path}/daemon.token"\n'
+    )
+    with daemon_from_config(config, port, token) as d:
+        assert d.get("/api/v1/vms")[0] == 200  # Daemon.get sends d.token
+        d.token = None
+        assert d.get("/api/v1/vms")[0] == 401
+        config.write_text(f'listen = "127.0.0.1:{free_port()}"\nwatch = []\n')
+        d.proc.send_signal(signal.SIGHUP)
+        wait_for(
+            lambda: any(e["event"] == "config_reload_failed" for e in d.log_lines()),
+            what="config_reload_failed",
+        )
+        (failed,) = [e for e in d.log_lines() if e["event"] == "config_reload_failed"]
+        assert f"listening on 0.0.0.0:{port} (beyond loopback) without a token" in failed["error"]
+        assert not [e for e in d.log_lines() if e["event"] == "config_reloaded"]
+        assert d.get("/api/v1/vms")[0] == 401
+        assert d.get("/api/v1/vms", token=token)[0] == 200
+
+
 def _healthy(d: Daemon) -> bool:
     with contextlib.suppress(OSError):
         return d.get("/healthz")[0] == 200
