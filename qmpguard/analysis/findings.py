@@ -6,10 +6,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from qmpguard.analysis.amd_shared_space import amd_shared_spaces
+from qmpguard.analysis.amd_shared_space import AMD_KIND, amd_shared_spaces
 from qmpguard.analysis.model import BindingKind, MemoryReason, Severity, Verdict
 from qmpguard.analysis.topology import format_devfn
-from qmpguard.analysis.viommu_models import model
+from qmpguard.analysis.viommu import spaces_rendering_ram
+from qmpguard.analysis.viommu_models import (
+    AMD_IOAPIC_DEVFN,
+    ioapic_space_maps_nothing,
+    model,
+    parse_release,
+)
+from qmpguard.qemu_names import HMP_MTREE
 
 if TYPE_CHECKING:
     from qmpguard.analysis.binding import Requester
@@ -118,13 +125,18 @@ def qg003_bypass(vm: VmAnalysis) -> Iterator[Finding]:
     keeps vfio devices in pass-through."""
     if not vm.viommus:
         return
+    listing = spaces_rendering_ram(
+        vm.snapshot.get_or("", "human-monitor-command", **{"command-line": HMP_MTREE})
+        if vm.snapshot is not None
+        else ""
+    )
     for dev in vm.devices:
         if not dev.device.vfio or dev.verdict is Verdict.MISBOUND:
             continue  # QG001 already says more
         v = dev.binding.viommu
         if dev.binding.memory_reason is MemoryReason.BYPASS:
             where, why = "sits on a bus that bypasses the vIOMMU", dev.binding.reason
-        elif v is not None and v.passthrough is not None:
+        elif v is not None and v.passthrough is not None and not _maps_nothing(vm, dev, listing):
             where, why = f"is kept in pass-through by {v.label}", v.passthrough
         else:
             continue
@@ -136,6 +148,31 @@ def qg003_bypass(vm: VmAnalysis) -> Iterator[Finding]:
             "(all guest RAM stays mapped for it)",
             (why,),
         )
+
+
+def _maps_nothing(vm: VmAnalysis, dev: DeviceAnalysis, listing: dict[str, frozenset[bool]]) -> bool:
+    """A device behind a pass-through amd-iommu whose space maps no guest memory at all
+    (its DMA reaches nothing, so nothing is exposed): QEMU's own `info mtree -f` first,
+    where every space of the device's name agrees; else the version table, for the
+    IOAPIC's space (viommu_models.ioapic_space_maps_nothing; docs/design.md, amd-iommu)."""
+    v, req = dev.binding.viommu, dev.binding.requester
+    if v is None or req is None or v.kind != AMD_KIND:
+        return False
+    seen = listing.get(f"amd_iommu_devfn_{req.devfn}")
+    if seen is not None and len(seen) == 1:
+        return not next(iter(seen))
+    if not _in_ioapic_space(vm, dev):
+        return False
+    return ioapic_space_maps_nothing(v.type, parse_release(vm.qemu_version)) is not None
+
+
+def _in_ioapic_space(vm: VmAnalysis, dev: DeviceAnalysis) -> bool:
+    """Translated as the IOAPIC's requester, devfn 160 on the main root bus (a device
+    behind a conventional bridge at 00:14.0 too): amd-iommu hands it the IOAPIC's space.
+    Other requesters at devfn 160 sit on other bus numbers (PCIe ports have slot 0 only;
+    a pxb's root bus has its own number), so never in it."""
+    req = dev.binding.requester
+    return req is not None and req.devfn == AMD_IOAPIC_DEVFN and req.bus == vm.topology.main_root
 
 
 def qg004_shared_space(vm: VmAnalysis) -> Iterator[Finding]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from qmpguard import qemu_names as T
@@ -101,3 +102,31 @@ def find_viommus(snap: Snapshot, topo: Topology) -> list[VIommu]:
         if dev.type in T.PCI_VIOMMU_TYPES:
             found.append(VIommu(dev.path, dev.type, T.VIOMMU_TYPES[dev.type], dev.bus, False))
     return sorted(found, key=lambda v: v.path)
+
+
+_FLATVIEW = re.compile(r"FlatView #\d+")
+_AS_NAME = re.compile(r' AS "(.*)", root: .*')
+_RAM_RANGE = re.compile(r"[0-9a-f]+-[0-9a-f]+ \(prio -?\d+, ram\): .*")
+
+
+def spaces_rendering_ram(text: object) -> dict[str, frozenset[bool]]:
+    """Address-space name -> whether each flat view of `info mtree -f` that lists a space
+    of that name renders guest RAM ({} for no or unknown output). What a vfio device's
+    container maps is its space's flat view: one with no RAM range (QEMU prints `No
+    rendered FlatView` for an empty one) maps nothing, whatever the vIOMMU's mode says.
+    Several spaces can share a name (amd-iommu's `amd_iommu_devfn_<devfn>` has no bus)."""
+    if not isinstance(text, str) or "FlatView #" not in text:
+        return {}
+    views: list[tuple[list[str], list[bool]]] = []  # (names, [renders RAM])
+    for line in text.splitlines():
+        if _FLATVIEW.fullmatch(line.strip()):
+            views.append(([], [False]))
+        elif views and (m := _AS_NAME.fullmatch(line.rstrip())):
+            views[-1][0].append(m.group(1))
+        elif views and _RAM_RANGE.fullmatch(line.strip()):
+            views[-1][1][0] = True
+    out: dict[str, set[bool]] = {}
+    for names, ram in views:
+        for name in names:
+            out.setdefault(name, set()).add(ram[0])
+    return {name: frozenset(seen) for name, seen in out.items()}

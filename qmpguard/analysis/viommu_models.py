@@ -246,6 +246,40 @@ def passthrough(vtype: str, props: Mapping[str, object], version: Version | None
     return None
 
 
+Release = tuple[int, int, int]
+
+#: amd-iommu's IOAPIC pseudo requester (AMDVI_IOAPIC_SB_DEVID, 00:14.0 on the main root bus)
+AMD_IOAPIC_DEVFN = 0xA0
+
+
+def parse_release(text: str | None) -> Release | None:
+    """(major, minor, micro) of "10.0.2" or "QEMU emulator version 10.0.2 (Debian ...)";
+    None without a micro ("10.0"): a rule fixed inside a stable series cannot tell."""
+    m = re.search(r"(?:^|version )(\d+)\.(\d+)\.(\d+)", text or "")
+    return (int(m.group(1)), int(m.group(2)), int(m.group(3))) if m else None
+
+
+def ioapic_space_maps_nothing(vtype: str, release: Release | None) -> str | None:
+    """Why this vIOMMU's IOAPIC space maps no guest memory although the vIOMMU keeps
+    devices in pass-through, if it does: the version table behind check's evidence (an
+    empty `amd_iommu_devfn_160` flat view in `info mtree -f`) and preflight's only source.
+
+    amd-iommu's realize creates the IOAPIC's space (devfn 160 on the main root bus)
+    before the shared regions its pass-through alias points at are initialised, so that
+    alias has size 0 (hw/i386/amd_iommu.c amdvi_sysbus_realize -> amdvi_host_dma_iommu;
+    fixed by "hw/i386/amd_iommu: Move IOAPIC memory region initialization to the end",
+    a7842d9406 in 10.1.0, backported to 10.0.4). Any device filed under that requester
+    gets the cached empty space. Before 10.0 the rules above never say pass-through."""
+    if vtype != "amd-iommu" or release is None:
+        return None
+    if release[:2] == (10, 0) and release[2] < 4:
+        return (
+            "amd-iommu in QEMU 10.0.0 to 10.0.3 creates the IOAPIC's space (00:14.0) before "
+            "its pass-through region exists: it maps no guest memory"
+        )
+    return None
+
+
 def exits_with_vfio(vtype: str, props: Mapping[str, object], version: Version | None) -> str | None:
     """Why QEMU exits at machine-done when any vfio-pci device exists, whatever the order
     (so a command line, not a running VM, can show it)."""
