@@ -640,38 +640,20 @@ def _option_path(b: _Build, cd: CliDevice) -> str:
 
 
 def _realize(b: _Build, cd: CliDevice) -> None:
-    """One device option, as qdev_device_add realizes it."""
+    """One device option, as qdev_device_add realizes it: a sysbus vIOMMU, or a PCI
+    device on the bus QEMU picks (types qmpguard does not know: see _unknown_type)."""
     path = _option_path(b, cd)
-    main_root = b.machine.root_path
     driver = canonical_driver(cd.driver)
-    if driver in ("intel-iommu", "amd-iommu"):
-        b.viommus.append(_sysbus_viommu(b, path, driver, main_root, cd))
-        if driver == "amd-iommu":  # amdvi_realize plugs its PCI function into the root bus
-            b.plug(f"builtin:AMDVI-PCI({path})", "AMDVI-PCI", None, b.buses[main_root], None)
-        return
-    if driver == "arm-smmuv3":
-        target = (cd.prop("primary-bus") or "").rsplit("/", 1)[-1]
-        found = [bus.path for bus in b.buses.values() if bus.name == target]
-        if len(found) != 1:
-            b.notes.append(f"{driver} ({cd.source}): primary-bus is not one bus qmpguard knows")
-        b.viommus.append(_sysbus_viommu(b, path, driver, found[0] if len(found) == 1 else None, cd))
+    if driver in SYSBUS_VIOMMUS:
+        _realize_sysbus_viommu(b, cd, path, driver)
         return
     kind = pci_kind(driver)
     if kind is False:
         return
     bus, uncertain, others = _resolve_bus(b, cd)
-    if kind is None:
-        if bus is None or cd.prop("bus") is None:
-            if cd.prop("bus") is None:
-                b.notes.append(
-                    f"{driver} ({cd.source}) is a device type qmpguard does not know: if it is "
-                    "a PCI device, the slots QEMU picks for devices after it are not certain"
-                )
-            return  # most likely not a PCI device at all
-        b.unknown_bus_makers.append(f"{driver} ({cd.source})")
-    addr, devfn = option_devfn(cd)
-    if addr is not None and devfn is None:
-        b.notes.append(f"{driver} ({cd.source}): addr={addr} is not a PCI address qmpguard reads")
+    if kind is None and not _unknown_type(b, cd, driver, bus):
+        return
+    devfn = _option_devfn_noted(b, cd, driver)
     if bus is None:
         b.placements.append(Placement(cd, path, None, devfn, uncertain))
         if not _IS_VFIO(driver):
@@ -685,13 +667,61 @@ def _realize(b: _Build, cd: CliDevice) -> None:
             f"{driver} ({cd.source}): bus={cd.prop('bus')} names {1 + len(others)} buses; "
             f"QEMU takes the first its search meets (newest first): {bus.path}"
         )
+    _realize_below(b, dev, cd, driver, bus)
+
+
+def _realize_sysbus_viommu(b: _Build, cd: CliDevice, path: str, driver: str) -> None:
+    """intel-iommu and amd-iommu translate the main root bus (amdvi_realize also plugs
+    its PCI function there); arm-smmuv3 the bus its primary-bus names, which must be
+    exactly one bus qmpguard knows, or what it covers is unknown (None)."""
+    if driver != "arm-smmuv3":
+        main_root = b.machine.root_path
+        b.viommus.append(_sysbus_viommu(b, path, driver, main_root, cd))
+        if driver == "amd-iommu":
+            b.plug(f"builtin:AMDVI-PCI({path})", "AMDVI-PCI", None, b.buses[main_root], None)
+        return
+    target = (cd.prop("primary-bus") or "").rsplit("/", 1)[-1]
+    found = [bus.path for bus in b.buses.values() if bus.name == target]
+    if len(found) != 1:
+        b.notes.append(f"{driver} ({cd.source}): primary-bus is not one bus qmpguard knows")
+    b.viommus.append(_sysbus_viommu(b, path, driver, found[0] if len(found) == 1 else None, cd))
+
+
+def _unknown_type(b: _Build, cd: CliDevice, driver: str, bus: _Bus | None) -> bool:
+    """Whether an option of a type qmpguard does not know is taken for a PCI device: only
+    with a bus= that names a PCI bus (then it may create buses with automatic names).
+    Without bus= it is most likely no PCI device at all, but if it is one, the slots of
+    the devices after it are not certain: a note says so."""
+    if bus is not None and cd.prop("bus") is not None:
+        b.unknown_bus_makers.append(f"{driver} ({cd.source})")
+        return True
+    if cd.prop("bus") is None:
+        b.notes.append(
+            f"{driver} ({cd.source}) is a device type qmpguard does not know: if it is "
+            "a PCI device, the slots QEMU picks for devices after it are not certain"
+        )
+    return False
+
+
+def _option_devfn_noted(b: _Build, cd: CliDevice, driver: str) -> int | None:
+    """The option's devfn (None: QEMU picks a free slot); an addr= qmpguard cannot read
+    is noted, since QEMU may put the device somewhere else."""
+    addr, devfn = option_devfn(cd)
+    if addr is not None and devfn is None:
+        b.notes.append(f"{driver} ({cd.source}): addr={addr} is not a PCI address qmpguard reads")
+    return devfn
+
+
+def _realize_below(b: _Build, dev: _Dev, cd: CliDevice, driver: str, bus: _Bus) -> None:
+    """What a plugged PCI device creates itself: a bridge its bus, an expander its host
+    bridge, virtio-iommu-pci a vIOMMU translating the bus it sits on."""
     if driver in BRIDGE_BUS:
         bus_type = BRIDGE_BUS[driver]
         b.add_child_bus(dev, cd.id or b.auto_name(bus_type), bus_type)
     elif driver in ("pxb", "pxb-pcie"):
         _expander(b, dev, cd)
     elif driver in T.PCI_VIOMMU_TYPES:
-        b.viommus.append(VIommu(path, driver, T.VIOMMU_TYPES[driver], bus.path, False))
+        b.viommus.append(VIommu(dev.path, driver, T.VIOMMU_TYPES[driver], bus.path, False))
 
 
 def _sysbus_viommu(
@@ -840,29 +870,11 @@ def preflight(
         _realize(b, cd)
     topo = _topology(b)
     bindings = {p: expected_binding(topo, b.viommus, d) for p, d in topo.devices.items()}
-    doubtful: dict[str, ExpectedBinding] = {}
-    for placement in b.placements:
-        dev = topo.devices.get(placement.path)
-        if dev is not None and dev.vfio:
-            why = _placement_doubt(topo, b, bindings[dev.path], placement, dev)
-            if why is not None:
-                doubtful[dev.path] = _doubtful_binding(bindings[dev.path], why, dev)
-    if hidden and not any(v.covers == topo.main_root for v in b.viommus):
-        why = f"a vIOMMU may be among the devices qmpguard cannot see ({hidden[0]})"
-        for path, dev in topo.devices.items():
-            binding = bindings[path]
-            if dev.vfio and binding.kind is BindingKind.MEMORY and binding.bypass_root is None:
-                doubtful.setdefault(path, _doubtful_binding(binding, why, dev))
-    bindings.update(doubtful)
+    bindings.update(_doubtful_bindings(topo, b, bindings))
     cli_by_path = {b.option_paths[cd.realize_rank]: cd for cd in cli.devices}
     refusals = [*cli.refusals, *_refusals(topo, bindings, cli_by_path, b, version)]
     bindings.update(_version_doubts(topo, bindings, cli_by_path, version))
-    notes = [*refusals, *hidden, *b.notes]
-    for placement in b.placements:
-        if placement.bus is None and _IS_VFIO(placement.option.driver):
-            why = placement.uncertain or "its bus is unknown"
-            notes.append(f"{placement.option.driver} ({placement.option.source}): {why}")
-            _place_unknown(topo, bindings, placement, why, bool(b.viommus or hidden))
+    notes = [*refusals, *hidden, *b.notes, *_place_unplaced(topo, bindings, b)]
     _hidden_vfio(topo, bindings, hidden)
     facts = VmFacts(
         origin=ORIGIN if version.text is None else f"QEMU {version.text} {ORIGIN[5:]}",
@@ -887,6 +899,41 @@ def preflight(
         tuple(refusals),
         version,
     )
+
+
+def _doubtful_bindings(
+    topo: Topology, b: _Build, bindings: Mapping[str, ExpectedBinding]
+) -> dict[str, ExpectedBinding]:
+    """Stand-in bindings for the vfio devices whose binding qmpguard cannot be sure of:
+    one whose bus is in doubt (_placement_doubt), and, when devices qmpguard cannot see
+    may hold a vIOMMU of the main root bus, every one that would otherwise go to memory
+    without a bypass (that hidden vIOMMU would translate it)."""
+    doubtful: dict[str, ExpectedBinding] = {}
+    for placement in b.placements:
+        dev = topo.devices.get(placement.path)
+        if dev is not None and dev.vfio:
+            why = _placement_doubt(topo, b, bindings[dev.path], placement, dev)
+            if why is not None:
+                doubtful[dev.path] = _doubtful_binding(bindings[dev.path], why, dev)
+    if b.hidden and not any(v.covers == topo.main_root for v in b.viommus):
+        why = f"a vIOMMU may be among the devices qmpguard cannot see ({b.hidden[0]})"
+        for path, dev in topo.devices.items():
+            binding = bindings[path]
+            if dev.vfio and binding.kind is BindingKind.MEMORY and binding.bypass_root is None:
+                doubtful.setdefault(path, _doubtful_binding(binding, why, dev))
+    return doubtful
+
+
+def _place_unplaced(topo: Topology, bindings: dict[str, ExpectedBinding], b: _Build) -> list[str]:
+    """Each vfio option on no bus qmpguard knows goes into the report on a bus of its own
+    (_place_unknown), since it must not vanish from it; returns the note for each."""
+    notes = []
+    for placement in b.placements:
+        if placement.bus is None and _IS_VFIO(placement.option.driver):
+            why = placement.uncertain or "its bus is unknown"
+            notes.append(f"{placement.option.driver} ({placement.option.source}): {why}")
+            _place_unknown(topo, bindings, placement, why, bool(b.viommus or b.hidden))
+    return notes
 
 
 def _realized_after(
