@@ -21,6 +21,8 @@ from enum import StrEnum
 
 from qmpguard.analysis.findings import Finding
 from qmpguard.analysis.model import BindingKind, Severity, Verdict
+from qmpguard.analysis.topology import PciBus
+from qmpguard.analysis.viommu import VIommu
 from qmpguard.analysis.vm import DeviceAnalysis, VmAnalysis
 from qmpguard.report.document import target_findings
 from qmpguard.report.text import printable as P
@@ -95,84 +97,111 @@ def _shared_spaces(vm: VmAnalysis) -> dict[str, str]:
     return out
 
 
+@dataclass(frozen=True)
+class _Tree:
+    """What every row of one VM's tree is drawn from (tree_rows: one walk, many rows)."""
+
+    vm: VmAnalysis
+    findings: list[Finding]
+    by_dev: dict[str, DeviceAnalysis]
+    shared: dict[str, str]  # device path -> letter of its shared address space
+    covered: dict[str, VIommu]  # bus path -> the vIOMMU translating it
+    child_buses: dict[str, list[str]]  # device path -> the buses it owns
+    rows: list[TreeRow]
+
+
 def tree_rows(vm: VmAnalysis, findings: list[Finding]) -> list[TreeRow]:
     """Rows in drawing order: each root bus, then its devices and their buses, depth-first."""
     topo = vm.topology
-    by_dev: dict[str, DeviceAnalysis] = {d.device.path: d for d in vm.devices}
-    shared = _shared_spaces(vm)
-    covered = {v.covers: v for v in vm.viommus if v.covers}
     child_buses: dict[str, list[str]] = {}
     for bus in topo.buses.values():
         if bus.parent_device:
             child_buses.setdefault(bus.parent_device, []).append(bus.path)
-    rows: list[TreeRow] = []
-
-    def bus_row(path: str, depth: int) -> None:
-        bus = topo.buses[path]
-        role = []
-        if bus.root:
-            role.append("root bus")
-        if bus.bypass_iommu:
-            # QEMU checks bypass on the root of the aliased requester: behind a conventional
-            # expander that is the expander's own bus, so its bypass_iommu has no effect.
-            role.append(
-                "bypasses the vIOMMU"
-                if bus.express
-                else "bypass_iommu set but without effect (requester IDs aliased upstream)"
-            )
-        if path in covered:
-            role.append(f"translated by {covered[path].label} ({covered[path].type})")
-        if not bus.express:
-            role.append("conventional PCI: requester IDs aliased")
-        rows.append(
-            TreeRow(
-                depth,
-                "bus",
-                path.rsplit("/", 1)[-1],
-                f"{bus.type}" + (f", {', '.join(role)}" if role else ""),
-                "",
-                None,
-                False,
-                False,
-                Verdict.NOT_APPLICABLE,
-                (),
-                (),
-            )
-        )
-        members = sorted(
-            (by_dev[p] for p in bus.devices if p in by_dev), key=lambda d: d.device.devfn
-        )
-        for d in members:
-            device_row(d, depth + 1)
-
-    def device_row(d: DeviceAnalysis, depth: int) -> None:
-        dev = d.device
-        mine = tuple(f for f in findings if f.device == dev.path)
-        rows.append(
-            TreeRow(
-                depth,
-                "device",
-                dev.label,
-                f"{dev.devfn_text} {d.bdf or '-'} {dev.type}",
-                expected_text(d),
-                shared.get(dev.path),
-                d.binding.kind is BindingKind.MEMORY,
-                dev.vfio,
-                d.verdict,
-                mine,
-                tuple(
-                    f"{e.source}: {e.conclusion or 'inconclusive'}: {e.detail}"
-                    for e in d.order.evidence
-                ),
-            )
-        )
-        for child in sorted(child_buses.get(dev.path, [])):
-            bus_row(child, depth + 1)
-
+    tree = _Tree(
+        vm,
+        findings,
+        {d.device.path: d for d in vm.devices},
+        _shared_spaces(vm),
+        {v.covers: v for v in vm.viommus if v.covers},
+        child_buses,
+        [],
+    )
     roots = [b for b in topo.buses.values() if b.parent_device is None]
     for bus in sorted(roots, key=lambda b: (b.path != topo.main_root, b.path)):
-        bus_row(bus.path, 0)
-    return rows
+        _bus_rows(tree, bus.path, 0)
+    return tree.rows
+
+
+def _bus_role(bus: PciBus, covered: VIommu | None) -> list[str]:
+    """What a bus does to the requester IDs and DMA of the devices on it."""
+    role = []
+    if bus.root:
+        role.append("root bus")
+    if bus.bypass_iommu:
+        # QEMU checks bypass on the root of the aliased requester: behind a conventional
+        # expander that is the expander's own bus, so its bypass_iommu has no effect.
+        role.append(
+            "bypasses the vIOMMU"
+            if bus.express
+            else "bypass_iommu set but without effect (requester IDs aliased upstream)"
+        )
+    if covered is not None:
+        role.append(f"translated by {covered.label} ({covered.type})")
+    if not bus.express:
+        role.append("conventional PCI: requester IDs aliased")
+    return role
+
+
+def _bus_rows(tree: _Tree, path: str, depth: int) -> None:
+    """The row of one bus, then those of its devices by devfn (and so on down)."""
+    bus = tree.vm.topology.buses[path]
+    role = _bus_role(bus, tree.covered.get(path))
+    tree.rows.append(
+        TreeRow(
+            depth,
+            "bus",
+            path.rsplit("/", 1)[-1],
+            f"{bus.type}" + (f", {', '.join(role)}" if role else ""),
+            "",
+            None,
+            False,
+            False,
+            Verdict.NOT_APPLICABLE,
+            (),
+            (),
+        )
+    )
+    members = sorted(
+        (tree.by_dev[p] for p in bus.devices if p in tree.by_dev), key=lambda d: d.device.devfn
+    )
+    for d in members:
+        _device_rows(tree, d, depth + 1)
+
+
+def _device_rows(tree: _Tree, d: DeviceAnalysis, depth: int) -> None:
+    """The row of one device, then those of the buses it owns (a bridge's, by path)."""
+    dev = d.device
+    mine = tuple(f for f in tree.findings if f.device == dev.path)
+    tree.rows.append(
+        TreeRow(
+            depth,
+            "device",
+            dev.label,
+            f"{dev.devfn_text} {d.bdf or '-'} {dev.type}",
+            expected_text(d),
+            tree.shared.get(dev.path),
+            d.binding.kind is BindingKind.MEMORY,
+            dev.vfio,
+            d.verdict,
+            mine,
+            tuple(
+                f"{e.source}: {e.conclusion or 'inconclusive'}: {e.detail}"
+                for e in d.order.evidence
+            ),
+        )
+    )
+    for child in sorted(tree.child_buses.get(dev.path, [])):
+        _bus_rows(tree, child, depth + 1)
 
 
 class VmState(StrEnum):
