@@ -153,6 +153,8 @@ def _unix_finding(
 def _finding(
     spec: MonitorSpec, facts: ProcessFacts, probes: Mapping[str, ProbeResult]
 ) -> MonitorFinding:
+    """Who owns one monitor and whether qmpguard can reach it, by its transport; only a
+    UNIX or TCP socket QEMU listens on is reachable (HMP never counts: not QMP)."""
     if spec.protocol is MonitorProtocol.HMP:
         return MonitorFinding(
             spec, MonitorState.HMP, reason="human monitor (HMP), not QMP: ignored"
@@ -160,49 +162,66 @@ def _finding(
     if spec.transport is Transport.UNIX and spec.path:
         return _unix_finding(spec, spec.path, facts, probes)
     if spec.transport is Transport.FD:
-        entry, problem = _resolve_fd(spec, facts)
-        if entry is None:
-            if spec.chardev == LIBVIRT_MONITOR_CHARDEV:
-                return MonitorFinding(
-                    spec, MonitorState.LIBVIRT, reason=f"libvirt's monitor chardev ({problem})"
-                )
-            return MonitorFinding(spec, MonitorState.UNREACHABLE, reason=problem or "")
-        if entry.listening and entry.path.startswith("/"):
-            return _unix_finding(spec, entry.path, facts, probes)
-        if entry.listening:
-            return MonitorFinding(
-                spec, MonitorState.UNREACHABLE, reason=f"fd={spec.fd} listens on no path"
-            )
-        return MonitorFinding(
-            spec,
-            MonitorState.PRIVATE,
-            reason=f"fd={spec.fd} is a connected socket passed by QEMU's parent",
-        )
+        return _fd_finding(spec, facts, probes)
     if spec.transport is Transport.TCP:
-        if not spec.server:
-            return MonitorFinding(
-                spec,
-                MonitorState.CLIENT_MODE,
-                reason=f"QEMU connects out to {spec.host}:{spec.port}",
-            )
-        if spec.port is None or spec.detail == "telnet":
-            return MonitorFinding(
-                spec, MonitorState.UNREACHABLE, reason="telnet or unparsable TCP monitor"
-            )
-        if facts.net_ns is NamespaceRelation.OTHER:
-            return MonitorFinding(
-                spec,
-                MonitorState.UNREACHABLE,
-                reason="TCP monitor in another network namespace: its address is not ours",
-            )
-        host = _WILDCARD.get(spec.host or "", spec.host or "")
-        address = Target("tcp", f"[{host}]:{spec.port}" if ":" in host else f"{host}:{spec.port}")
-        return _probed(MonitorFinding(spec, MonitorState.LISTENING, address.name), probes)
+        return _tcp_finding(spec, facts, probes)
     return MonitorFinding(
         spec,
         MonitorState.PRIVATE,
         reason=f"{spec.detail or 'unknown'} monitor: only QEMU's parent can talk to it",
     )
+
+
+def _fd_finding(
+    spec: MonitorSpec, facts: ProcessFacts, probes: Mapping[str, ProbeResult]
+) -> MonitorFinding:
+    """`fd=N`: a listening socket with a path is judged as that path; anything else is
+    out of reach (a connected socket belongs to QEMU's parent). An unknown fd on
+    libvirt's monitor chardev is libvirt's monitor all the same."""
+    entry, problem = _resolve_fd(spec, facts)
+    if entry is None:
+        if spec.chardev == LIBVIRT_MONITOR_CHARDEV:
+            return MonitorFinding(
+                spec, MonitorState.LIBVIRT, reason=f"libvirt's monitor chardev ({problem})"
+            )
+        return MonitorFinding(spec, MonitorState.UNREACHABLE, reason=problem or "")
+    if entry.listening and entry.path.startswith("/"):
+        return _unix_finding(spec, entry.path, facts, probes)
+    if entry.listening:
+        return MonitorFinding(
+            spec, MonitorState.UNREACHABLE, reason=f"fd={spec.fd} listens on no path"
+        )
+    return MonitorFinding(
+        spec,
+        MonitorState.PRIVATE,
+        reason=f"fd={spec.fd} is a connected socket passed by QEMU's parent",
+    )
+
+
+def _tcp_finding(
+    spec: MonitorSpec, facts: ProcessFacts, probes: Mapping[str, ProbeResult]
+) -> MonitorFinding:
+    """A TCP server monitor is reachable at its address (a wildcard one on loopback)
+    unless it is telnet, unparsable, or in another network namespace."""
+    if not spec.server:
+        return MonitorFinding(
+            spec,
+            MonitorState.CLIENT_MODE,
+            reason=f"QEMU connects out to {spec.host}:{spec.port}",
+        )
+    if spec.port is None or spec.detail == "telnet":
+        return MonitorFinding(
+            spec, MonitorState.UNREACHABLE, reason="telnet or unparsable TCP monitor"
+        )
+    if facts.net_ns is NamespaceRelation.OTHER:
+        return MonitorFinding(
+            spec,
+            MonitorState.UNREACHABLE,
+            reason="TCP monitor in another network namespace: its address is not ours",
+        )
+    host = _WILDCARD.get(spec.host or "", spec.host or "")
+    address = Target("tcp", f"[{host}]:{spec.port}" if ":" in host else f"{host}:{spec.port}")
+    return _probed(MonitorFinding(spec, MonitorState.LISTENING, address.name), probes)
 
 
 def _libvirt_uri(facts: ProcessFacts, session: bool) -> str | None:
