@@ -197,67 +197,75 @@ async def _connect_unix(sock: socket.socket, path: str, timeout: float) -> None:
 
 
 async def _connect_socket(target: Target, timeout: float) -> socket.socket:
-    loop = asyncio.get_running_loop()
+    """A connected non-blocking socket to the target's QMP monitor, within `timeout`; a
+    failure is an InspectionError with a one-line reason, and the socket is closed."""
+    sock, address = await _new_socket(target)
+    sock.setblocking(False)
+    try:
+        await _connect(sock, target, address, timeout)
+    except OSError as exc:
+        sock.close()
+        raise _connect_error(exc, target) from None
+    except BaseException:  # busy backlog, or cancelled while connecting: ours to close
+        sock.close()
+        raise
+    return sock
+
+
+async def _new_socket(target: Target) -> tuple[socket.socket, Any]:
+    """An unconnected socket for the target and the address to connect it to. A UNIX
+    path is checked first: never libvirt's monitor, and never a path that is no socket
+    (a file or directory would only say "connection refused")."""
     if target.kind == "unix":
         refuse_libvirt_socket(target.address)
         wrong = _not_a_socket(target.address)
         if wrong is not None:
             raise wrong
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        address: Any = target.address
-    elif target.kind == "tcp":
+        return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), target.address
+    if target.kind == "tcp":
         host, port = target.tcp_host_port
         try:
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                host, port, type=socket.SOCK_STREAM
+            )
         except OSError as exc:
             raise InspectionError(
                 ErrorReason.UNREACHABLE, f"cannot resolve {host}: {exc}"
             ) from None
         family, _, proto, _, address = infos[0]
-        sock = socket.socket(family, socket.SOCK_STREAM, proto)
-    else:
-        raise InspectionError(
-            ErrorReason.UNSUPPORTED, f"{target.kind} targets do not use a QMP socket"
-        )
-    sock.setblocking(False)
-    try:
-        if target.kind == "unix":  # never blocks: bounded by its own deadline
-            await _connect_unix(sock, address, timeout)
-        else:
-            async with asyncio.timeout(timeout):
-                await loop.sock_connect(sock, address)
-    except FileNotFoundError:
-        sock.close()
-        raise InspectionError(ErrorReason.NO_SOCKET, f"no such socket: {target.address}") from None
-    except PermissionError:
-        sock.close()
-        raise InspectionError(
+        return socket.socket(family, socket.SOCK_STREAM, proto), address
+    raise InspectionError(ErrorReason.UNSUPPORTED, f"{target.kind} targets do not use a QMP socket")
+
+
+async def _connect(sock: socket.socket, target: Target, address: Any, timeout: float) -> None:
+    """connect() within `timeout`: a UNIX socket by _connect_unix (never blocks: bounded
+    by its own deadline), a TCP one by asyncio."""
+    if target.kind == "unix":
+        await _connect_unix(sock, address, timeout)
+        return
+    async with asyncio.timeout(timeout):
+        await asyncio.get_running_loop().sock_connect(sock, address)
+
+
+def _connect_error(exc: OSError, target: Target) -> InspectionError:
+    """The one-line reason for a failed connect()."""
+    if isinstance(exc, FileNotFoundError):
+        return InspectionError(ErrorReason.NO_SOCKET, f"no such socket: {target.address}")
+    if isinstance(exc, PermissionError):
+        return InspectionError(
             ErrorReason.PERMISSION_DENIED, f"permission denied on {target.address}"
-        ) from None
-    except ConnectionRefusedError:
-        sock.close()
+        )
+    if isinstance(exc, ConnectionRefusedError):
         # Re-checked: the path may have been replaced by a file since the first look.
-        raise _not_a_socket(target.address) or InspectionError(
+        return _not_a_socket(target.address) or InspectionError(
             ErrorReason.REFUSED,
             f"connection refused by {target.address} (stale socket: QEMU gone?)",
-        ) from None
-    except TimeoutError:
-        sock.close()
-        raise InspectionError(
-            ErrorReason.UNREACHABLE, f"connect to {target.address} timed out"
-        ) from None
-    except InspectionError:
-        sock.close()
-        raise
-    except OSError as exc:
-        sock.close()
-        raise InspectionError(
-            ErrorReason.UNREACHABLE, f"cannot connect to {target.address}: {exc.strerror or exc}"
-        ) from None
-    except BaseException:  # cancelled while connecting: the socket is ours to close
-        sock.close()
-        raise
-    return sock
+        )
+    if isinstance(exc, TimeoutError):
+        return InspectionError(ErrorReason.UNREACHABLE, f"connect to {target.address} timed out")
+    return InspectionError(
+        ErrorReason.UNREACHABLE, f"cannot connect to {target.address}: {exc.strerror or exc}"
+    )
 
 
 @contextlib.asynccontextmanager
