@@ -39,39 +39,7 @@ class KnownOpen:
     classes: frozenset[str]  # disagreement classes it explains
 
 
-def _at_ioapic_devfn(d: Device) -> bool:
-    """A device placed at 00:14.0 on q35's root bus (addr spelled 14, 0x14 or 14.0)."""
-    addr = d.prop("addr")
-    if d.bus != "pcie.0" or not isinstance(addr, str):
-        return False
-    slot, _, fn = addr.partition(".")
-    return int(slot, 16) == 0x14 and int(fn or "0", 16) == 0
-
-
-def _ioapic_passthrough(scn: Scenario) -> bool:
-    return (
-        scn.viommu_model == "amd"
-        and not scn.amd_remap
-        and any(_at_ioapic_devfn(d) for d in scn.devices)
-    )
-
-
-#: qmpguard is right at 00:14.0 now (no QG003 where 0 bytes are mapped); the harness is
-#: not yet: oracle.py and preflight_runs.py still take every device under amd-iommu
-#: pass-through for all-RAM, so they call ok-without-QG003 there wrong (on 10.0; both
-#: corpus cases below are that scenario, and test_preflight_generated runs each on 10.0)
-KNOWN_OPEN: list[KnownOpen] = [
-    KnownOpen(
-        "amd-iommu pass-through on 10.0: vfio at 00:14.0 (the IOAPIC's devid) maps nothing",
-        _ioapic_passthrough,
-        frozenset({"wrong-ok"}),
-    ),
-    KnownOpen(
-        "amd-iommu without dma-remap on 10.1+: vfio at 00:14.0 keeps all RAM like the rest",
-        _ioapic_passthrough,
-        frozenset({"wrong-ok"}),
-    ),
-]
+KNOWN_OPEN: list[KnownOpen] = []
 
 
 def known_open(scn: Scenario, classes: set[str]) -> KnownOpen | None:
@@ -435,7 +403,6 @@ CASES: list[Case] = [
         truth={1: "translated", 2: "all-ram"},
         verdicts={1: "ok", 2: "ok"},
         checks=(no_finding("QG003", "hostdev1"), has_finding("QG003", "hostdev2")),
-        failing_on=("10.0",),  # the harness's pass-through rule (KNOWN_OPEN above)
         amd=(AmdMode.PASSTHROUGH,),
     ),
     Case(
@@ -448,7 +415,6 @@ CASES: list[Case] = [
         truth={1: "all-ram", 2: "all-ram"},
         verdicts={1: "ok", 2: "ok"},
         checks=(has_finding("QG003", "hostdev1"), has_finding("QG003", "hostdev2")),
-        failing_on=("10.0",),  # only test_preflight_generated runs it there (KNOWN_OPEN)
         amd=(AmdMode.REMAP,),
     ),
     Case(
