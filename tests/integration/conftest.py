@@ -140,3 +140,24 @@ def libvirt_domain() -> Iterator[Callable[[dict[str, str]], str]]:
 def x86(request: pytest.FixtureRequest) -> tuple[int, int]:
     """The version of the x86 QEMU this test instance runs on."""
     return qemu_version(QEMU_MATRIX[request.node.callspec.params["qemu_vm"]])
+
+
+@pytest.fixture
+def domains() -> Iterator[Callable[[str], Any]]:
+    """Define libvirt domains from XML; destroy and undefine them at teardown."""
+    conn = _connect()
+    made: list[Any] = []
+
+    def define(xml: str) -> Any:
+        dom = conn.defineXML(xml)
+        made.append(dom)
+        return dom
+
+    try:
+        yield define
+    finally:
+        for dom in made:
+            if dom.isActive():
+                dom.destroy()
+            dom.undefine()
+        conn.close()

@@ -2,8 +2,8 @@
 libvirt would run (`virsh domxml-to-native`) is rendered with the same driver, bus and
 address, controllers included, and nothing else is.
 
-The domain is defined (never started), so libvirt assigns the addresses, and undefined
-at the end.
+The domain is defined (never started, the `domains` fixture), so libvirt assigns the
+addresses, and undefined at the end.
 """
 
 from __future__ import annotations
@@ -12,13 +12,11 @@ import itertools
 import json
 import shlex
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from qmpguard.analysis.libvirt_xml import domain_argv
-from tests.integration.support import _connect
 
 pytestmark = pytest.mark.integration
 
@@ -49,31 +47,16 @@ MACHINES = {
 }
 
 
-@pytest.fixture
-def defined() -> Iterator[Any]:
-    """Define domains (not started); undefine them all at the end."""
-    conn = _connect()
-    made: list[Any] = []
-
-    def define(machine: str) -> Any:
-        devices = DEVICES.format(**MACHINES[machine])
-        text = (
-            f"<domain type='qemu'><name>qmpguard-xml-{uuid.uuid4().hex[:8]}</name>"
-            "<memory unit='MiB'>64</memory>"
-            f"<os><type arch='x86_64' machine='{machine}'>hvm</type></os>"
-            f"<devices><emulator>/usr/bin/qemu-system-x86_64</emulator>{devices}</devices>"
-            "</domain>"
-        )
-        dom = conn.defineXML(text)
-        made.append(dom)
-        return dom
-
-    try:
-        yield define
-    finally:
-        for dom in made:
-            dom.undefine()
-        conn.close()
+def define(domains: Any, machine: str) -> Any:
+    """A domain on `machine` with DEVICES, defined (never started) by `domains`."""
+    devices = DEVICES.format(**MACHINES[machine])
+    return domains(
+        f"<domain type='qemu'><name>qmpguard-xml-{uuid.uuid4().hex[:8]}</name>"
+        "<memory unit='MiB'>64</memory>"
+        f"<os><type arch='x86_64' machine='{machine}'>hvm</type></os>"
+        f"<devices><emulator>/usr/bin/qemu-system-x86_64</emulator>{devices}</devices>"
+        "</domain>"
+    )
 
 
 def pci_devices(argv: list[str] | tuple[str, ...]) -> set[tuple[str, str, str]]:
@@ -88,8 +71,8 @@ def pci_devices(argv: list[str] | tuple[str, ...]) -> set[tuple[str, str, str]]:
 
 
 @pytest.mark.parametrize("machine", sorted(MACHINES))
-def test_rendered_pci_devices_are_libvirts(defined: Any, machine: str) -> None:
-    dom = defined(machine)
+def test_rendered_pci_devices_are_libvirts(domains: Any, machine: str) -> None:
+    dom = define(domains, machine)
     xml = dom.XMLDesc(0)  # with the addresses libvirt assigned
     native = shlex.split(dom.connect().domainXMLToNative("qemu-argv", xml, 0))
     theirs, ours = pci_devices(native), pci_devices(domain_argv(xml).argv)

@@ -122,27 +122,6 @@ def place(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.fixture
-def domains() -> Iterator[Callable[[str], Any]]:
-    """Define libvirt domains from XML; destroy and undefine them at teardown."""
-    conn = _connect()
-    made: list[Any] = []
-
-    def define(xml: str) -> Any:
-        dom = conn.defineXML(xml)
-        made.append(dom)
-        return dom
-
-    try:
-        yield define
-    finally:
-        for dom in made:
-            if dom.isActive():
-                dom.destroy()
-            dom.undefine()
-        conn.close()
-
-
 def _libvirtd_pid() -> int:
     for pidfile in (Path("/run/libvirtd.pid"), Path("/var/run/libvirtd.pid")):
         if pidfile.exists():
